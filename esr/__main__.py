@@ -1,0 +1,3 @@
+from esr.cli import main
+
+raise SystemExit(main())

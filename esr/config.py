@@ -1,0 +1,310 @@
+"""One frozen dataclass tree for a run, loaded from YAML with dotted overrides.
+
+Config is data: it is validated once at load and never written to at run time. Every field carries an attribute
+docstring (the string under it), which is what a user reads when a key is wrong.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.steps=20", "rollout.horizon=full"])
+
+Unknown keys and bad values raise ``ConfigError`` naming the dotted key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Horizon = Literal["full", "esr", "progressive", "ratio"]
+LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled"]
+Finetune = Literal["lora", "full"]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class ConfigError(ValueError):
+    """A config key or value a user wrote is wrong; the message says which and what to write instead."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "qwen2.5-coder-0.5b-instruct"
+    """A zoo preset (`esr models`), a local folder, or a hub id."""
+    trust_remote_code: bool = False
+    """Run Python shipped with a hub model. Off unless you trust the model's authors."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "gsm_symbolic"
+    """`gsm_symbolic` (offline generator), `gsm8k`, `math`, `jsonl` (prompt or messages rows), or `hf:<dataset>`."""
+    path: str | None = None
+    """JSONL file for `gsm8k`, `math` and `jsonl` sources."""
+    split: str = "train"
+    """Split for `hf:` sources."""
+    size: int = 2000
+    """How many problems the `gsm_symbolic` generator makes."""
+    limit: int | None = None
+    """Use at most this many rows (after skipping malformed ones)."""
+    seed: int = 0
+    """Seed of the generator and of the prompt order."""
+    system_prompt: str | None = None
+    """Optional system message put before every prompt."""
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    """Appended to each math question (not to `jsonl` prompts, which are used as written)."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this (in student tokens) are skipped and counted."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    horizon: Horizon = "esr"
+    """How many tokens each rollout may have: `esr` (N), `full` (T), `progressive` (POPD), `ratio` (TOPD)."""
+    n: int = 100
+    """ESR's N: the rollout stops after the first N new tokens (or at EOS)."""
+    max_new_tokens: int = 512
+    """T: the full-rollout length and the cap of every horizon."""
+    h0: int = 50
+    """Progressive: the first horizon H_0."""
+    dh: int = 50
+    """Progressive: horizon growth dH every `every` steps."""
+    every: int = 10
+    """Progressive: steps between growths (dk)."""
+    rho: float = 0.1
+    """Ratio (TOPD): horizon = rho * T."""
+    min_new_tokens: int = 0
+    """Force at least this many new tokens (benchmarks use it to compare equal lengths)."""
+    temperature: float = 0.7
+    """Sampling temperature (the paper's 0.7). The loss compares the untempered distributions."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    batch_size: int | None = None
+    """Sequences generated together; None generates the whole step's batch at once."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: LossKind = "reverse_kl"
+    """`reverse_kl` KL(p_s||p_t) exact over the vocabulary (default), `forward_kl`, `jsd`, or `sampled`
+    (policy gradient with advantage log p_t(y) - log p_s(y), for when only sampled-token log-probs exist)."""
+    beta: float = 0.5
+    """JSD interpolation: beta=0 is forward KL, beta=1 is reverse KL."""
+    chunk_size: int = 64
+    """Response positions per logits chunk: bounds peak memory at B x chunk x V per model."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 32
+    """LoRA rank (paper: 32)."""
+    alpha: int = 64
+    """LoRA alpha (paper: 64)."""
+    dropout: float = 0.0
+    """LoRA dropout."""
+    targets: str = "all-linear"
+    """`all-linear` or a comma-separated list of module names."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps (paper: 200)."""
+    batch_size: int = 16
+    """Prompts per step, one rollout each (paper: 16)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward; the loss does not depend on it."""
+    finetune: Finetune = "lora"
+    """`lora` (adapters on all linear layers) or `full`."""
+    lr: float = 5e-5
+    """AdamW learning rate (paper: 5e-5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    dtype: DType = "auto"
+    """`auto` is float32 on CPU and bfloat16 on GPUs that support it."""
+    gradient_checkpointing: bool = False
+    """Recompute student activations in the backward pass (less memory, ~30% more train time)."""
+    checkpoint_every: int = 50
+    """Write a checkpoint every this many steps (and at the end)."""
+    max_nonfinite: int = 3
+    """Stop after this many consecutive steps with a non-finite loss."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    """Run name; the default run folder is runs/<name>-<time>."""
+    seed: int = 0
+    """Seed of sampling, data order and initialisation."""
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The model being trained."""
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct"))
+    """The model whose distribution the student is pulled toward."""
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check_consistency(self)
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Reject settings that contradict each other, with the keys to change."""
+    r, t = cfg.rollout, cfg.train
+    positive = {
+        "rollout.n": r.n, "rollout.max_new_tokens": r.max_new_tokens, "train.steps": t.steps,
+        "train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
+        "loss.chunk_size": cfg.loss.chunk_size, "lora.r": cfg.lora.r, "rollout.every": r.every,
+        "train.checkpoint_every": t.checkpoint_every, "train.max_nonfinite": t.max_nonfinite,
+        "data.size": cfg.data.size, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if r.horizon == "esr" and r.n > r.max_new_tokens:
+        raise ConfigError(
+            f"rollout.n={r.n} is larger than rollout.max_new_tokens={r.max_new_tokens}: ESR's N must not exceed T. "
+            f"Lower rollout.n or raise rollout.max_new_tokens."
+        )
+    if r.min_new_tokens > r.max_new_tokens:
+        raise ConfigError(
+            f"rollout.min_new_tokens={r.min_new_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}"
+        )
+    if not 0.0 < r.rho <= 1.0:
+        raise ConfigError(f"rollout.rho must be in (0, 1], got {r.rho}")
+    if r.h0 < 1 or r.dh < 0:
+        raise ConfigError(f"rollout.h0 must be >= 1 and rollout.dh >= 0, got h0={r.h0}, dh={r.dh}")
+    if r.temperature <= 0:
+        raise ConfigError(f"rollout.temperature must be > 0 (on-policy sampling), got {r.temperature}")
+    if not 0.0 < r.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if not 0.0 <= cfg.loss.beta <= 1.0:
+        raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the tree from nested dicts, with errors that name the key.
+
+
+def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(_unknown_key_message(prefix + str(key), [prefix + n for n in names]))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(value, hint, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(value, hint, prefix + key)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.4)
+            hint_text = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.{hint_text}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint in (float, str) and not isinstance(value, hint):
+        raise ConfigError(f"{key} must be a {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (what `config.yaml` in a run folder holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to nested dict ``data`` (values parsed as YAML scalars)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=20")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply dotted overrides, validate, return the frozen tree."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

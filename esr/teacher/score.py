@@ -1,0 +1,44 @@
+"""The teacher's view of the student's rollouts: a no-grad pass over prompt + response.
+
+Only the decoder body runs here, keeping the hidden states that predict response tokens (B x R x H). The loss
+projects them to the vocabulary a time-chunk at a time (``logits``), so the teacher's B x R x V logits never exist
+in full. The teacher is scored at temperature 1: the divergence compares untempered distributions, whatever
+temperature the student sampled at.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from esr.models.forward import head_logits, response_hidden
+from esr.types import Rollouts
+
+
+class TeacherScorer:
+    """Scores rollouts with a frozen teacher; tracks the seconds it spends (body and head)."""
+
+    def __init__(self, model: nn.Module, *, vocab_size: int) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.vocab_size = vocab_size
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        """Teacher hidden states at response-predicting positions, (B, R, H), for rows of ``rollouts``."""
+        t0 = time.perf_counter()
+        hidden = response_hidden(self.model, rollouts)
+        self.seconds += time.perf_counter() - t0
+        return hidden
+
+    @torch.no_grad()
+    def logits(self, hidden_B_T_H: torch.Tensor) -> torch.Tensor:
+        """Teacher float32 logits (B, T, V) for a chunk of positions."""
+        t0 = time.perf_counter()
+        out = head_logits(self.model, hidden_B_T_H, self.vocab_size)
+        self.seconds += time.perf_counter() - t0
+        return out

@@ -1,0 +1,152 @@
+"""Atomic, resumable checkpoints.
+
+Layout of ``<run>/checkpoints/step-NNNNNN/``:
+    adapter_model.safetensors + adapter_config.json   (LoRA: ``PeftModel.from_pretrained(base, folder)``)
+    or model*.safetensors + config.json + tokenizer    (full fine-tuning: ``AutoModelForCausalLM.from_pretrained``)
+    trainer_state.pt    optimizer, scheduler and RNG states (tensors and plain data only: loaded weights_only)
+    trainer_state.json  step and bookkeeping, human-readable
+    config.yaml         the resolved run config
+
+A checkpoint is written into ``step-NNNNNN.tmp-<pid>`` and renamed into place only when complete, so a crash at any
+moment leaves either the whole new checkpoint or none of it; a leftover ``.tmp-*`` folder is ignored and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+
+from esr.config import Config, save_config
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not fit the run; the message says where and why."""
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete ``.tmp-*`` folders left by a crash during a checkpoint write."""
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for p in root.glob("step-*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: Config,
+    state: dict[str, Any],
+) -> Path:
+    """Write the checkpoint for ``step`` (the number of completed steps) atomically; return its folder."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if isinstance(model, PeftModel):
+            # save_embedding_layers=False: LoRA never touches embeddings, and "auto" looks the base model up online.
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "trainer_state.pt",
+        )
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        save_config(cfg, tmp / "config.yaml")
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. the end of a resumed run): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from e
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def load_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from ``folder``; return its trainer_state.json."""
+    _load_weights(folder, model)
+    blob = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng_cpu"])
+    if blob["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng_cuda"])
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def _load_weights(folder: Path, model: nn.Module) -> None:
+    if isinstance(model, PeftModel):
+        adapter = folder / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise CheckpointError(f"{folder} holds no LoRA adapter, but this run trains LoRA (train.finetune=lora)")
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        bad = [k for k in result.unexpected_keys if "lora_" in k]
+        if bad:
+            raise CheckpointError(f"{folder} is an adapter for another model: unexpected keys such as {bad[0]}")
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no model*.safetensors, but this run trains all weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong or not set(state) & set(own):
+        raise CheckpointError(f"{folder} holds weights of another model (e.g. {(wrong or list(state))[0]})")
+    missing, _ = model.load_state_dict(state, strict=False)
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    untied_missing = [k for k in missing if k not in tied]
+    if untied_missing:
+        raise CheckpointError(f"{folder} lacks weights for {untied_missing[0]} (and {len(untied_missing) - 1} more)")

@@ -1,0 +1,138 @@
+"""THE training loop: plan horizon, sample, score, loss, step, log, checkpoint. Read it top to bottom.
+
+    esr.train.train(load_config("configs/quickstart.yaml"))   ==   esr train configs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esr.config import Config, load_config, save_config
+from esr.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from esr.train.metrics import MetricsLog, StepMetrics, peak_memory_gb
+from esr.train.progress import RunProgress
+from esr.train.session import Session, batch_indices, build_session
+from esr.train.step import distill_micro_batch
+
+
+class NonFiniteLossError(RuntimeError):
+    """Several consecutive steps had a non-finite loss; the run stops rather than train on garbage."""
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (exists without --resume, or has no config to resume)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    steps: int
+    metrics: list[dict[str, Any]]
+    last_checkpoint: Path | None
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume(run_dir: str | Path, *, progress: bool = True) -> RunResult:
+    """Continue a stopped run from its last complete checkpoint, with the config it was started with."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder (no config.yaml); nothing to resume")
+    return train(load_config(run_dir / "config.yaml"), run_dir, resume=True, progress=progress)
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True) -> RunResult:
+    """Distil ``cfg.student`` from ``cfg.teacher`` for ``cfg.train.steps`` steps; return the run's metrics."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if not resume and (run_dir / "config.yaml").exists():
+        raise RunFolderError(f"{run_dir} already holds a run: continue it with `esr train --resume {run_dir}`"
+                             " or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    s = build_session(cfg)
+    (run_dir / "run.json").write_text(json.dumps(s.info, indent=2))
+    log = MetricsLog(run_dir)
+
+    start, ckpt, nonfinite_in_a_row = 0, None, 0
+    if resume:
+        remove_partial_checkpoints(run_dir)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler)
+            start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        log.truncate_after(start)
+
+    bar = RunProgress(cfg.train.steps, start, enabled=progress)
+    for step in range(start, cfg.train.steps):
+        metrics = run_step(s, cfg, step)
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
+
+        # Log, show, checkpoint.
+        log.write(metrics)
+        bar.update(metrics)
+        if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+            bar.close()
+            raise NonFiniteLossError(
+                f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
+                f"see {log.path}. Lower train.lr, check the teacher's logits, or raise train.max_nonfinite."
+            )
+        if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
+            ckpt = save_checkpoint(run_dir, step + 1, s.student, s.tokenizer, s.optimizer, s.scheduler, cfg,
+                                   {"nonfinite_in_a_row": nonfinite_in_a_row})
+    bar.close()
+    log.close()
+    return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
+
+
+def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
+    """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics."""
+    # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
+    horizon = s.policy.plan(step)
+    prompts = [s.prompt_ids[i] for i in batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed)]
+    t0 = time.perf_counter()
+    rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step)
+    seconds_generate = time.perf_counter() - t0
+
+    # 2. Which response tokens get loss: every generated token (the horizon already stopped ESR at N).
+    select_B_R = rollouts.response_mask_B_R
+    n_total = max(1, int(select_B_R.sum()))
+
+    # 3. Teacher scoring + student loss and backward, micro-batch by micro-batch.
+    t0, s.scorer.seconds = time.perf_counter(), 0.0
+    loss, kl_sum = 0.0, 0.0
+    for a in range(0, len(rollouts), cfg.train.micro_batch_size):
+        mb = rollouts.slice(a, a + cfg.train.micro_batch_size)
+        mb_select = select_B_R[a : a + cfg.train.micro_batch_size, : mb.response_mask_B_R.shape[1]]
+        out = distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size)
+        loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
+    seconds_score = s.scorer.seconds
+    seconds_train = time.perf_counter() - t0 - seconds_score
+
+    # 4. Optimizer step, unless the loss or the gradient is not finite.
+    trainable = [p for p in s.student.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    lr = s.scheduler.get_last_lr()[0]
+    s.scheduler.step()
+
+    lengths_B = rollouts.lengths_B
+    return StepMetrics(
+        step=step + 1, loss=loss, kl=kl_sum / n_total, horizon=horizon, tokens_generated=int(lengths_B.sum()),
+        tokens_scored=int(select_B_R.sum()), response_len_mean=float(lengths_B.float().mean()),
+        response_len_max=int(lengths_B.max()), cut_share=float(rollouts.cut_B.float().mean()),
+        grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
+        seconds_train=seconds_train, peak_mem_gb=peak_memory_gb(s.device), skipped=skipped,
+    )

@@ -1,0 +1,102 @@
+"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step, flushed and fsynced), and TensorBoard when installed.
+
+On resume the log is cut back to the checkpoint's step, so a crash between a step's log line and the next checkpoint
+never leaves a duplicated or missing step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    """1-based number of completed optimizer steps."""
+    loss: float
+    """Training loss (token mean over selected tokens); NaN when the step was skipped."""
+    kl: float
+    """Mean exact reverse KL(p_s || p_t) per selected token, whatever the training loss."""
+    horizon: int
+    tokens_generated: int
+    tokens_scored: int
+    """Response tokens that got loss (the selected tokens)."""
+    response_len_mean: float
+    response_len_max: int
+    cut_share: float
+    """Share of rollouts that reached the horizon without EOS."""
+    grad_norm: float
+    lr: float
+    seconds_generate: float
+    seconds_score: float
+    seconds_train: float
+    peak_mem_gb: float
+    """Peak resident memory of the process (CPU) or peak allocated CUDA memory, in GB."""
+    skipped: bool = False
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+class MetricsLog:
+    """Appends StepMetrics to ``metrics.jsonl``; mirrors scalars to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = _tensorboard_writer(run_dir / "tb") if tensorboard else None
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only lines with step <= ``step`` (called on resume from that checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if _line_step(line) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, metrics: StepMetrics) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(asdict(metrics)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.writer is not None:
+            for key, value in asdict(metrics).items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"train/{key}", value, metrics.step)
+            self.writer.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize  # a torn last line from a crash: drop it
+
+
+def _tensorboard_writer(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))

@@ -1,0 +1,63 @@
+"""What a person watching a run sees: a live bar with ETA, loss and KL, and the closing summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from esr.train.metrics import StepMetrics
+
+console = Console(stderr=True)
+
+
+class RunProgress:
+    """A rich progress bar on a terminal; one plain line per step otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console, disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, stats="")
+        if self.live:
+            self.progress.start()
+
+    def update(self, m: StepMetrics) -> None:
+        stats = f"loss {m.loss:.4f}  kl {m.kl:.4f}  H {m.horizon}  len {m.response_len_mean:.0f}"
+        if m.skipped:
+            stats += "  [red]skipped (non-finite)"
+        self.progress.update(self.task, completed=m.step, stats=stats)
+        if self.enabled and not self.live:
+            secs = m.seconds_generate + m.seconds_score + m.seconds_train
+            console.print(f"step {m.step}/{self.progress.tasks[0].total}  {stats}  {secs:.1f}s", highlight=False)
+
+    def close(self) -> None:
+        if self.live:
+            self.progress.stop()
+
+
+def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3) -> Table:
+    """Steps, mean KL over the first vs last ``window`` steps, mean seconds per phase, where the run is."""
+    table = Table(title="esr run summary", show_header=False)
+    if not metrics:
+        table.add_row("steps", "0")
+        table.add_row("run folder", str(run_dir))
+        return table
+    ok = [m for m in metrics if not m["skipped"]] or metrics
+    first, last = ok[:window], ok[-window:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    table.add_row("steps", f"{metrics[-1]['step']} ({len(metrics) - len(ok)} skipped)")
+    table.add_row(f"mean KL, first {len(first)} steps", f"{mean(first, 'kl'):.4f}")
+    table.add_row(f"mean KL, last {len(last)} steps", f"{mean(last, 'kl'):.4f}")
+    for phase in ("generate", "score", "train"):
+        table.add_row(f"seconds per step: {phase}", f"{mean(metrics, 'seconds_' + phase):.2f}")
+    table.add_row("tokens generated per step", f"{mean(metrics, 'tokens_generated'):.0f}")
+    table.add_row("peak memory", f"{max(m['peak_mem_gb'] for m in metrics):.1f} GB")
+    table.add_row("run folder", str(run_dir))
+    return table

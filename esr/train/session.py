@@ -1,0 +1,152 @@
+"""Everything a run needs before its first step: models on a device, the tokenizer contract, prompts, optimizer.
+
+The checks here turn the mistakes OPD users hit most (teacher/student vocabulary mismatch, pad == eos, missing EOS
+ids of a chat model's end of turn) into decisions made once, visibly, before any compute is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from esr.config import Config, ConfigError
+from esr.data import load_prompts, tokenize_prompts
+from esr.models import apply_lora, load_model
+from esr.rollout.eos import eos_token_ids
+from esr.rollout.policies import HorizonPolicy, make_policy
+from esr.rollout.sampler import HFSampler
+from esr.teacher.score import TeacherScorer
+
+log = logging.getLogger("esr.train")
+
+@dataclass
+class Session:
+    student: nn.Module
+    teacher: nn.Module
+    tokenizer: Any
+    sampler: HFSampler
+    scorer: TeacherScorer
+    policy: HorizonPolicy
+    prompt_ids: tuple[tuple[int, ...], ...]
+    vocab_size: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    info: dict[str, Any]
+    """Facts recorded in run.json: parameter counts, prompt counts, eos ids, device, dtype."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are ~3x slower on CPUs without bf16 instructions), bf16 on capable GPUs."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student_name: str, teacher_name: str) -> None:
+    """Same-tokenizer distillation needs one id space: every token both know has the same id in both.
+
+    One vocabulary may extend the other (Qwen3 adds `<think>` tokens after Qwen2.5's ids); anything else differs.
+    """
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    small, big = (s_vocab, t_vocab) if len(s_vocab) <= len(t_vocab) else (t_vocab, s_vocab)
+    mismatched = [tok for tok, i in small.items() if big.get(tok) != i]
+    if mismatched:
+        raise ConfigError(
+            f"student '{student_name}' and teacher '{teacher_name}' have different vocabularies "
+            f"({len(s_vocab)} vs {len(t_vocab)} tokens; e.g. {mismatched[0]!r} has another id or is missing). "
+            f"Same-tokenizer distillation compares distributions over one vocabulary; pick a teacher that shares "
+            f"the student's tokenizer."
+        )
+    if len(s_vocab) != len(t_vocab):
+        log.warning("the %s's vocabulary extends the other's by %d tokens; their logits are compared on the shared ids",
+                    "teacher" if len(t_vocab) > len(s_vocab) else "student", abs(len(t_vocab) - len(s_vocab)))
+
+
+def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
+    """Columns of the logits both models define; embedding matrices are often padded past the tokenizer."""
+    v = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    if len(tokenizer) > v:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but a model's output layer only {v}")
+    return v
+
+
+def build_session(cfg: Config) -> Session:
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    student, tokenizer = load_model(
+        cfg.student.name, dtype=dtype, device=device, trust_remote_code=cfg.student.trust_remote_code
+    )
+    teacher, teacher_tok = load_model(
+        cfg.teacher.name, dtype=dtype, device=device, trust_remote_code=cfg.teacher.trust_remote_code
+    )
+    check_same_tokenizer(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name)
+    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    eos_ids = eos_token_ids(tokenizer, student)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+    prompt_set = load_prompts(cfg.data)
+    tokenized = tokenize_prompts(prompt_set.prompts, tokenizer, cfg.data.max_prompt_tokens)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the seed makes a run (and its resume) repeatable
+    student = _make_trainable(student, cfg)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = cfg.train.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+    r = cfg.rollout
+    sampler = HFSampler(
+        student, eos_token_ids=eos_ids, pad_token_id=pad_id, temperature=r.temperature, top_p=r.top_p,
+        min_new_tokens=r.min_new_tokens, batch_size=r.batch_size,
+    )
+    info = {
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "trainable_params": sum(p.numel() for p in params),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "eos_token_ids": eos_ids, "pad_token_id": pad_id, "pad_is_eos": pad_id in eos_ids, "vocab_size": vocab_size,
+        "prompts": len(tokenized.ids), "data_rows": prompt_set.n_rows, "data_skipped": prompt_set.n_skipped,
+        "prompts_too_long": tokenized.n_too_long,
+    }
+    return Session(
+        student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler,
+        scorer=TeacherScorer(teacher, vocab_size=vocab_size), policy=make_policy(cfg.rollout),
+        prompt_ids=tokenized.ids, vocab_size=vocab_size, optimizer=optimizer, scheduler=scheduler, device=device,
+        info=info,
+    )
+
+
+def _make_trainable(student: nn.Module, cfg: Config) -> nn.Module:
+    if cfg.train.finetune == "lora":
+        lc = cfg.lora
+        student = apply_lora(student, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets)
+    else:
+        for p in student.parameters():
+            p.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads hacks.
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    return student
+
+
+def batch_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> Sequence[int]:
+    """Prompt indices of 0-based ``step``: consecutive slices of per-epoch permutations, a pure function of the step."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n_prompts)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n_prompts, generator=g)[i]))
+    return out
