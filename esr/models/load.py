@@ -22,7 +22,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from esr.models import zoo
+from esr.models import synthetic, zoo
 
 CausalLM = PreTrainedModel | PeftModel
 """What `load_model` returns: a transformers model, or a PeftModel when the spec is an adapter folder."""
@@ -80,7 +80,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def _resolve(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     if spec in zoo.TINY:
-        model, tokenizer = zoo.build_tiny(spec)
+        model, tokenizer = synthetic.build_tiny(spec)
         return model.to(dtype), tokenizer
     if spec in zoo.PRESETS:
         folder = zoo.prepare(spec, progress=True)
@@ -90,7 +90,7 @@ def _resolve(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Ca
     if spec.startswith(zoo.RANDOM_PREFIX):
         if spec.removeprefix(zoo.RANDOM_PREFIX) not in zoo.PRESETS:
             raise ModelSpecError(_not_found_message(spec, "`random:` takes a zoo preset"))
-        model, tokenizer = zoo.build_random(spec)
+        model, tokenizer = synthetic.build_random(spec)
         return model.to(dtype), tokenizer
     folder = Path(spec).expanduser()
     if folder.is_dir():
