@@ -27,7 +27,7 @@ def generate_text(
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
     rows = [Prompt(id=str(i), messages=({"role": "user", "content": p},), answer=None) for i, p in enumerate(prompts)]
     ids = tokenize_prompts(rows, tokenizer, max_tokens=10**9).ids
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # load_model guarantees one
     ids_B_P, mask_B_P = left_pad(ids, pad)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
         "do_sample": False}

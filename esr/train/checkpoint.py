@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from esr.config import Config, save_config
+from esr.models.lora import save_lora
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -73,8 +74,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         if isinstance(model, PeftModel):
-            # save_embedding_layers=False: LoRA never touches embeddings, and "auto" looks the base model up online.
-            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+            save_lora(model, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

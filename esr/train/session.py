@@ -6,6 +6,7 @@ ids of a chat model's end of turn) into decisions made once, visibly, before any
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def build_session(cfg: Config) -> Session:
     check_same_tokenizer(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name)
     vocab_size = shared_vocab_size(student, teacher, tokenizer)
     eos_ids = eos_token_ids(tokenizer, student)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
 
     prompt_set = load_prompts(cfg.data)
     tokenized = tokenize_prompts(prompt_set.prompts, tokenizer, cfg.data.max_prompt_tokens)
@@ -147,6 +148,11 @@ def batch_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> Sequ
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, n_prompts)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n_prompts, generator=g)[i]))
+        out.append(_epoch_order(n_prompts, seed, epoch)[i])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n_prompts, generator=g).tolist())
