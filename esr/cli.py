@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   esr train configs/quickstart.yaml                       # ESR (N=100) distillation, Qwen 0.5B <- 1.5B, on CPU
   esr train configs/quickstart.yaml rollout.horizon=full rollout.max_new_tokens=400
   esr train configs/smoke.yaml train.steps=3 --out runs/smoke
+  esr train configs/quickstart-xfamily.yaml               # across tokenizers: SmolLM2-135M <- Qwen 0.5B
   esr train --resume runs/smoke                           # continue a stopped run from its last checkpoint
   esr generate qwen2.5-coder-0.5b-instruct --prompt "What is 17 * 23?"
   esr generate runs/smoke/checkpoints/step-000003 --prompt "Hi" --temperature 0

@@ -22,6 +22,7 @@ import yaml
 
 Horizon = Literal["full", "esr", "progressive", "ratio"]
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled"]
+CrossTokenizer = Literal["aligned-exact", "span-sampled"]
 Finetune = Literal["lora", "full"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -95,6 +96,10 @@ class LossConfig:
     """JSD interpolation: beta=0 is forward KL, beta=1 is reverse KL."""
     chunk_size: int = 64
     """Response positions per logits chunk: bounds peak memory at B x chunk x V per model."""
+    cross_tokenizer: CrossTokenizer | None = None
+    """For a teacher with another tokenizer: `aligned-exact` (the paper's: divergence over the shared vocabulary on
+    tokens both tokenizations cut the same way) or `span-sampled` (every aligned text span, sampled estimator).
+    Ignored when the vocabularies are identical."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,13 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"rollout.rho must be in (0, 1], got {r.rho}")
     if r.h0 < 1 or r.dh < 0:
         raise ConfigError(f"rollout.h0 must be >= 1 and rollout.dh >= 0, got h0={r.h0}, dh={r.dh}")
+    x, kind = cfg.loss.cross_tokenizer, cfg.loss.kind
+    if x == "aligned-exact" and kind == "sampled":
+        raise ConfigError("loss.cross_tokenizer=aligned-exact trains full distributions; with loss.kind=sampled use "
+                          "loss.cross_tokenizer=span-sampled (or pick loss.kind=reverse_kl|forward_kl|jsd)")
+    if x == "span-sampled" and kind not in ("reverse_kl", "sampled"):
+        raise ConfigError(f"loss.cross_tokenizer=span-sampled is a sampled estimate of reverse KL; loss.kind={kind} "
+                          "needs full distributions: use loss.cross_tokenizer=aligned-exact")
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature must be > 0 (on-policy sampling), got {r.temperature}")
     if not 0.0 < r.top_p <= 1.0:

@@ -59,7 +59,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     """The tokenizer `load_model(spec)` would return, without loading (or converting) the model."""
     spec = str(spec)
     if spec in zoo.TINY:
-        tokenizer = zoo.preset_tokenizer(zoo.TINY_TOKENIZER_FROM)
+        tokenizer = zoo.preset_tokenizer(zoo.TINY[spec].tokenizer_from)
     elif spec in zoo.PRESETS or spec.startswith(zoo.RANDOM_PREFIX):
         name = spec.removeprefix(zoo.RANDOM_PREFIX)
         if name not in zoo.PRESETS:

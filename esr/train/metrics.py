@@ -24,11 +24,14 @@ class StepMetrics:
     loss: float
     """Training loss (token mean over selected tokens); NaN when the step was skipped."""
     kl: float
-    """Mean exact reverse KL(p_s || p_t) per selected token, whatever the training loss."""
+    """Mean exact reverse KL(p_s || p_t) per selected token, whatever the training loss. Across tokenizers:
+    over the shared vocabulary (aligned-exact) or the sampled span estimate per token (span-sampled)."""
     horizon: int
     tokens_generated: int
     tokens_scored: int
     """Response tokens that got loss (the selected tokens)."""
+    trained_share: float
+    """tokens_scored / tokens_generated (below 1 across tokenizers: tokens the alignment could not pair)."""
     response_len_mean: float
     response_len_max: int
     cut_share: float
@@ -38,6 +41,8 @@ class StepMetrics:
     seconds_generate: float
     seconds_score: float
     seconds_train: float
+    seconds_align: float
+    """Cross-tokenizer re-rendering, re-encoding and alignment (0 with one tokenizer)."""
     peak_mem_gb: float
     """Peak resident memory of the process (CPU) or peak allocated CUDA memory, in GB."""
     skipped: bool = False

@@ -34,7 +34,7 @@ class RunProgress:
             stats += "  [red]skipped (non-finite)"
         self.progress.update(self.task, completed=m.step, stats=stats)
         if self.enabled and not self.live:
-            secs = m.seconds_generate + m.seconds_score + m.seconds_train
+            secs = m.seconds_generate + m.seconds_score + m.seconds_train + m.seconds_align
             console.print(f"step {m.step}/{self.progress.tasks[0].total}  {stats}  {secs:.1f}s", highlight=False)
 
     def close(self) -> None:
@@ -57,7 +57,13 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
     table.add_row(f"mean KL, last {len(last)} steps", f"{mean(last, 'kl'):.4f}")
     for phase in ("generate", "score", "train"):
         table.add_row(f"seconds per step: {phase}", f"{mean(metrics, 'seconds_' + phase):.2f}")
+    align = [m.get("seconds_align", 0.0) for m in metrics]  # absent in runs started before esr had it
+    if any(align):  # a cross-tokenizer run
+        table.add_row("seconds per step: align", f"{sum(align) / len(align):.3f}")
     table.add_row("tokens generated per step", f"{mean(metrics, 'tokens_generated'):.0f}")
+    scored = sum(m["tokens_scored"] for m in metrics) / max(1, sum(m["tokens_generated"] for m in metrics))
+    if scored < 1:
+        table.add_row("share of tokens trained", f"{100 * scored:.1f}%")
     table.add_row("peak memory", f"{max(m['peak_mem_gb'] for m in metrics):.1f} GB")
     table.add_row("run folder", str(run_dir))
     return table

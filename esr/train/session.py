@@ -21,6 +21,7 @@ from esr.models import apply_lora, load_model
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.policies import HorizonPolicy, make_policy
 from esr.rollout.sampler import HFSampler
+from esr.teacher.cross import CrossTokenizer, template_warnings
 from esr.teacher.score import TeacherScorer
 
 log = logging.getLogger("esr.train")
@@ -35,6 +36,9 @@ class Session:
     policy: HorizonPolicy
     prompt_ids: tuple[tuple[int, ...], ...]
     vocab_size: int
+    """Logit columns of the student (same-tokenizer: the columns both models share)."""
+    cross: CrossTokenizer | None
+    """Set when the teacher has another tokenizer: re-renders and aligns every batch for it."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
@@ -57,24 +61,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student_name: str, teacher_name: str) -> None:
-    """Same-tokenizer distillation needs one id space: every token both know has the same id in both.
+def vocabulary_mismatch(student_tok: Any, teacher_tok: Any) -> str | None:
+    """Why the two tokenizers do not share one id space, or None when they do.
 
-    One vocabulary may extend the other (Qwen3 adds `<think>` tokens after Qwen2.5's ids); anything else differs.
+    One vocabulary may extend the other (Qwen3 adds `<think>` tokens after Qwen2.5's ids): that is one id space.
     """
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     small, big = (s_vocab, t_vocab) if len(s_vocab) <= len(t_vocab) else (t_vocab, s_vocab)
-    mismatched = [tok for tok, i in small.items() if big.get(tok) != i]
-    if mismatched:
+    mismatched = next((tok for tok, i in small.items() if big.get(tok) != i), None)
+    if mismatched is None:
+        return None
+    return f"{len(s_vocab)} vs {len(t_vocab)} tokens; e.g. {mismatched!r} has another id or is missing"
+
+
+def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student_name: str, teacher_name: str) -> None:
+    """Same-tokenizer distillation needs one id space: every token both know has the same id in both."""
+    why = vocabulary_mismatch(student_tok, teacher_tok)
+    if why is not None:
         raise ConfigError(
-            f"student '{student_name}' and teacher '{teacher_name}' have different vocabularies "
-            f"({len(s_vocab)} vs {len(t_vocab)} tokens; e.g. {mismatched[0]!r} has another id or is missing). "
-            f"Same-tokenizer distillation compares distributions over one vocabulary; pick a teacher that shares "
-            f"the student's tokenizer."
+            f"student '{student_name}' and teacher '{teacher_name}' have different vocabularies ({why}). "
+            f"Distil across tokenizers with loss.cross_tokenizer=aligned-exact (the paper's: KL on tokens both "
+            f"tokenizers cut the same way) or loss.cross_tokenizer=span-sampled (every aligned span, sampled)."
         )
-    if len(s_vocab) != len(t_vocab):
+    s_n, t_n = len(student_tok.get_vocab()), len(teacher_tok.get_vocab())
+    if s_n != t_n:
         log.warning("the %s's vocabulary extends the other's by %d tokens; their logits are compared on the shared ids",
-                    "teacher" if len(t_vocab) > len(s_vocab) else "student", abs(len(t_vocab) - len(s_vocab)))
+                    "teacher" if t_n > s_n else "student", abs(t_n - s_n))
 
 
 def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
@@ -94,13 +106,28 @@ def build_session(cfg: Config) -> Session:
     teacher, teacher_tok = load_model(
         cfg.teacher.name, dtype=dtype, device=device, trust_remote_code=cfg.teacher.trust_remote_code
     )
-    check_same_tokenizer(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name)
-    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    cross_mode = cfg.loss.cross_tokenizer if vocabulary_mismatch(tokenizer, teacher_tok) else None
+    if cross_mode is None:
+        if cfg.loss.cross_tokenizer is not None:
+            log.info("student and teacher share one vocabulary: loss.cross_tokenizer is ignored (same-tokenizer path)")
+        check_same_tokenizer(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name)
+        vocab_size = teacher_vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    else:
+        vocab_size = student.get_output_embeddings().weight.shape[0]
+        teacher_vocab_size = teacher.get_output_embeddings().weight.shape[0]
     eos_ids = eos_token_ids(tokenizer, student)
     pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
 
     prompt_set = load_prompts(cfg.data)
     tokenized = tokenize_prompts(prompt_set.prompts, tokenizer, cfg.data.max_prompt_tokens)
+    cross = None
+    if cross_mode is not None:
+        for warning in template_warnings(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name):
+            log.warning(warning)
+        teacher_prompts = tokenize_prompts(tokenized.prompts, teacher_tok, max_tokens=1 << 30)
+        assert len(teacher_prompts.ids) == len(tokenized.ids), "the teacher dropped prompts the student kept"
+        cross = CrossTokenizer(tokenizer, teacher_tok, student_size=vocab_size, teacher_size=teacher_vocab_size,
+                               student_eos_ids=eos_ids, teacher_prompt_ids=teacher_prompts.ids)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the seed makes a run (and its resume) repeatable
     student = _make_trainable(student, cfg)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -118,12 +145,15 @@ def build_session(cfg: Config) -> Session:
         "trainable_params": sum(p.numel() for p in params),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "eos_token_ids": eos_ids, "pad_token_id": pad_id, "pad_is_eos": pad_id in eos_ids, "vocab_size": vocab_size,
+        "cross_tokenizer": cross_mode,
+        **({"shared_vocab": len(cross.vocab_map), "teacher_vocab_size": teacher_vocab_size,
+            "teacher_stop_id": cross.teacher_stop} if cross is not None else {}),
         "prompts": len(tokenized.ids), "data_rows": prompt_set.n_rows, "data_skipped": prompt_set.n_skipped,
         "prompts_too_long": tokenized.n_too_long,
     }
     return Session(
         student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler,
-        scorer=TeacherScorer(teacher, vocab_size=vocab_size), policy=make_policy(cfg.rollout),
+        scorer=TeacherScorer(teacher, vocab_size=teacher_vocab_size), policy=make_policy(cfg.rollout), cross=cross,
         prompt_ids=tokenized.ids, vocab_size=vocab_size, optimizer=optimizer, scheduler=scheduler, device=device,
         info=info,
     )

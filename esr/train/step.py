@@ -28,6 +28,7 @@ from esr.losses import (
 )
 from esr.models.forward import head_logits, response_hidden
 from esr.teacher.score import TeacherScorer
+from esr.teacher.vocab_map import VocabMap
 from esr.types import Rollouts
 
 
@@ -62,10 +63,20 @@ def distill_micro_batch(
     n_total: int,
     cfg: LossConfig,
     vocab_size: int,
+    *,
+    teacher_hidden_B_R_H: torch.Tensor | None = None,
+    vocab_map: VocabMap | None = None,
 ) -> MicroBatchResult:
-    """Forward and backward of one micro-batch; gradients accumulate into the student's parameters."""
+    """Forward and backward of one micro-batch; gradients accumulate into the student's parameters.
+
+    Cross-tokenizer (``aligned-exact``) callers pass the teacher's hidden states already gathered at the student's
+    positions and the ``vocab_map`` whose shared columns both distributions are restricted (and renormalised) to.
+    """
     device = next(student.parameters()).device
-    teacher_hidden_B_R_H = scorer.score(rollouts)
+    if teacher_hidden_B_R_H is None:
+        teacher_hidden_B_R_H = scorer.score(rollouts)
+    if vocab_map is not None:
+        vocab_map = vocab_map.to(device)
     student_hidden_B_R_H = response_hidden(student, rollouts)
     leaf_B_R_H = student_hidden_B_R_H.detach().requires_grad_(True)
     tokens_B_R = rollouts.response_ids_B_R.to(device)
@@ -77,6 +88,8 @@ def distill_micro_batch(
         b = min(R, a + cfg.chunk_size)
         student_logits = head_logits(student, leaf_B_R_H[:, a:b], vocab_size)
         teacher_logits = scorer.logits(teacher_hidden_B_R_H[:, a:b])
+        if vocab_map is not None:  # log_softmax inside the divergences renormalises over the shared tokens
+            student_logits, teacher_logits = vocab_map.restrict(student_logits, teacher_logits)
         values_B_T = per_token_loss(cfg, student_logits, teacher_logits, tokens_B_R[:, a:b])
         loss = token_mean_over_batch(values_B_T, select_B_R[:, a:b], n_total)
         if loss.requires_grad:

@@ -85,7 +85,7 @@ def test_failed_conversion_leaves_no_partial_cache(
 
 def test_status_lists_every_preset() -> None:
     rows = {row["name"]: row for row in zoo.status()}
-    assert list(rows) == [*zoo.PRESETS, "tiny-student", "tiny-teacher"]
+    assert list(rows) == [*zoo.PRESETS, "tiny-student", "tiny-teacher", "tiny-teacher-qwen"]
     assert rows["qwen2.5-coder-1.5b-instruct"]["params"] == 1_777_088_000
     assert all(row["path"] is None for row in rows.values() if not row["cached"])
 
@@ -94,9 +94,11 @@ def test_requirement_files_pin_every_preset_package() -> None:
     lines = {line.strip() for line in (REPO / "requirements" / "zoo.txt").read_text().splitlines()}
     for preset in zoo.PRESETS.values():
         assert set(preset.requirements) <= lines, preset.name
-    smollm2 = (REPO / "requirements" / "zoo-smollm2.txt").read_text().splitlines()
-    pins = [line.strip() for line in smollm2 if line.strip() and not line.startswith("#")]
-    assert pins == list(zoo.PRESETS["smollm2-135m-instruct"].requirements)
+    test_needs = (REPO / "requirements" / "zoo-tokenizers.txt").read_text().splitlines()
+    pins = [line.strip() for line in test_needs if line.strip() and not line.startswith("#")]
+    names = ["smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct"]
+    assert pins == [r for name in names for r in zoo.PRESETS[name].requirements]
+    assert {t.tokenizer_from for t in zoo.TINY.values()} <= set(names)
 
 
 @pytest.mark.zoo
