@@ -45,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--trust-remote-code", action="store_true")
 
+    e = verbs.add_parser("eval", help="evaluate a model, checkpoint or every checkpoint of a run on a task")
+    e.add_argument("model", help="zoo preset, folder, checkpoint, hub id, or a run folder (all its checkpoints)")
+    e.add_argument("--task", required=True,
+                   help="gsm_symbolic | gsm8k | math500 | jsonl (the last three with --path) | humaneval | bfcl:<cat>")
+    e.add_argument("--path", help="JSONL file of a gsm8k, math500 or jsonl task")
+    e.add_argument("--n", type=int, default=1, help="samples per problem (avg@n, pass@n, maj@n)")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (then --n 1)")
+    e.add_argument("--limit", type=int, help="evaluate the first LIMIT problems")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8, help="sequences generated together")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", type=Path, help="results folder (default eval/<model>-<task>, or RUN/eval/<task>)")
+    e.add_argument("--no-progress", action="store_true")
+
     m = verbs.add_parser("models", help="list zoo presets, or prepare one")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     m.add_argument("name", nargs="?", help="preset to prepare")
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from esr.errors import USER_ERRORS  # deferred: importing torch takes seconds, --help should not
 
     try:
-        return {"train": _train, "generate": _generate, "models": _models}[args.verb](args)
+        return {"train": _train, "generate": _generate, "eval": _eval, "models": _models}[args.verb](args)
     except USER_ERRORS as e:
         if args.verbose:
             raise
@@ -108,6 +122,44 @@ def _generate(args: argparse.Namespace) -> int:
     )
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"### {prompt}\n{text}\n")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from esr.eval.runner import evaluate
+    from esr.eval.targets import eval_targets
+    from esr.eval.tasks import make_task
+    from esr.models import load_model
+
+    task = make_task(args.task, path=args.path)
+    targets = eval_targets(args.model)
+    is_run = len(targets) > 1 or targets[0][0] != args.model
+    safe_task = args.task.replace(":", "-")
+    out = args.out or (Path(args.model) / "eval" / safe_task if is_run
+                       else Path("eval") / f"{Path(args.model).name}-{safe_task}")
+    rows = []
+    for label, spec in targets:
+        model, tokenizer = load_model(spec)
+        result = evaluate(model, tokenizer, task, n=args.n, temperature=args.temperature, limit=args.limit,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                          out_dir=out / label if is_run else out, progress=not args.no_progress)
+        rows.append((label, result.summary))
+        del model
+    keys = [k for k in ("accuracy", f"pass@{args.n}", f"maj@{args.n}", "name_accuracy", "parse_rate",
+                        "relaxed_accuracy", "multi_box_share", "length_p50", "cut_share") if k in rows[0][1]]
+    problems = rows[0][1]["n_problems"]
+    table = Table(title=f"esr eval: {task.name}, n={args.n}, T={args.temperature} ({problems} problems)")
+    table.add_column("model", no_wrap=True, min_width=max(len(label) for label, _ in rows))
+    for col in keys:
+        table.add_column(col, justify="right")
+    for label, summary in rows:
+        table.add_row(label, *(f"{summary[k]:.3f}" if isinstance(summary[k], float) else str(summary[k])
+                               for k in keys))
+    Console().print(table)
+    print(f"results: {out}")
     return 0
 
 

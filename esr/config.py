@@ -145,6 +145,31 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate the student every this many steps on a held-out task (0: never during training)."""
+    task: str = "gsm_symbolic"
+    """`gsm_symbolic` (held-out generator seed), `gsm8k`, `math500`, `jsonl` (with `eval.path`), `humaneval`,
+    `bfcl:<category>`."""
+    path: str | None = None
+    """JSONL file of a `gsm8k`, `math500` or `jsonl` task."""
+    limit: int = 50
+    """Problems per evaluation."""
+    n: int = 1
+    """Samples per problem."""
+    temperature: float = 0.0
+    """0: greedy (then n must be 1)."""
+    max_new_tokens: int = 512
+    """Response cap during evaluation."""
+    batch_size: int = 8
+    """Sequences generated together."""
+    metric: str = "accuracy"
+    """Summary key that picks the best checkpoint (higher is better), e.g. `accuracy`, `pass@4`, `maj@4`."""
+    collapse_drop: float = 0.3
+    """Warn of collapse when the metric falls below (1 - collapse_drop) x its best so far."""
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     """Run name; the default run folder is runs/<name>-<time>."""
@@ -159,6 +184,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check_consistency(self)
@@ -191,6 +217,11 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"rollout.rho must be in (0, 1], got {r.rho}")
     if r.h0 < 1 or r.dh < 0:
         raise ConfigError(f"rollout.h0 must be >= 1 and rollout.dh >= 0, got h0={r.h0}, dh={r.dh}")
+    e = cfg.eval
+    if e.every < 0 or e.limit < 1 or e.n < 1 or e.batch_size < 1 or e.max_new_tokens < 1:
+        raise ConfigError("eval.every must be >= 0 and eval.limit, eval.n, eval.batch_size, eval.max_new_tokens >= 1")
+    if e.temperature == 0 and e.n > 1:
+        raise ConfigError(f"eval.n={e.n} greedy samples would be identical: set eval.temperature > 0 or eval.n=1")
     x, kind = cfg.loss.cross_tokenizer, cfg.loss.kind
     if x == "aligned-exact" and kind == "sampled":
         raise ConfigError("loss.cross_tokenizer=aligned-exact trains full distributions; with loss.kind=sampled use "

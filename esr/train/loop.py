@@ -19,6 +19,7 @@ from esr.config import Config, load_config, save_config
 from esr.teacher.cross import CrossBatch
 from esr.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from esr.train.cross_step import distill_aligned, distill_span
+from esr.train.evaluation import PeriodicEval
 from esr.train.metrics import MetricsLog, StepMetrics, peak_memory_gb
 from esr.train.progress import RunProgress
 from esr.train.session import Session, batch_indices, build_session
@@ -65,6 +66,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "run.json").write_text(json.dumps(s.info, indent=2))
     log = MetricsLog(run_dir)
+    evals = PeriodicEval(cfg, run_dir)
 
     start, ckpt, nonfinite_in_a_row = 0, None, 0
     if resume:
@@ -74,6 +76,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
             state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler)
             start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         log.truncate_after(start)
+        evals.truncate_after(start)
 
     bar = RunProgress(cfg.train.steps, start, enabled=progress)
     for step in range(start, cfg.train.steps):
@@ -89,9 +92,13 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
                 f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
                 f"see {log.path}. Lower train.lr, check the teacher's logits, or raise train.max_nonfinite."
             )
-        if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
+        # An evaluation step always gets a checkpoint, so the best one by eval.metric can be loaded.
+        if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps or evals.due(step + 1):
             ckpt = save_checkpoint(run_dir, step + 1, s.student, s.tokenizer, s.optimizer, s.scheduler, cfg,
                                    {"nonfinite_in_a_row": nonfinite_in_a_row})
+        if evals.due(step + 1):
+            row = evals.run(step + 1, s.student, s.tokenizer, ckpt)
+            bar.note(f"eval step {step + 1}: {cfg.eval.metric} {row[cfg.eval.metric]:.3f}")
     bar.close()
     log.close()
     return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)

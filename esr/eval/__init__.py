@@ -1,0 +1,1 @@
+"""Evaluation of trained models: tasks, runners, answer checkers and metrics (see the modules of this package)."""

@@ -1,0 +1,87 @@
+"""Evaluation during training: every ``eval.every`` steps, the best checkpoint by ``eval.metric``, collapse warnings.
+
+Each evaluation writes ``eval/step-NNNNNN/{samples.jsonl,summary.json}`` and appends one line to
+``eval/history.jsonl``; ``eval/best.json`` names the step (and its checkpoint) with the highest metric so far.
+An evaluation step always has a checkpoint, so the best one can be loaded. A collapse warning is logged (and
+recorded in the history line) when the metric falls below ``(1 - eval.collapse_drop)`` x its best, or when the
+repetition signals (share of responses with several boxes, repeated 4-gram share) reach twice their first value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from esr.config import Config, ConfigError
+from esr.eval.runner import evaluate
+from esr.eval.tasks import make_task
+
+log = logging.getLogger("esr.train")
+
+REPETITION_KEYS = ("multi_box_share", "repeated_4gram_share")
+
+
+class PeriodicEval:
+    """Runs the held-out evaluation at its steps and keeps ``eval/history.jsonl`` and ``eval/best.json``."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg, self.folder = cfg.eval, run_dir / "eval"
+        self.task = make_task(cfg.eval.task, path=cfg.eval.path) if cfg.eval.every else None
+        self.history_path = self.folder / "history.jsonl"
+
+    def due(self, step: int) -> bool:
+        """Whether 1-based ``step`` ends with an evaluation."""
+        return self.task is not None and step % self.cfg.every == 0
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget evaluations of steps that are being redone."""
+        rows = [r for r in self.history() if r["step"] <= step]
+        if self.history_path.is_file():
+            self.history_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.history_path.is_file():
+            return []
+        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+
+    def run(self, step: int, model: Any, tokenizer: Any, checkpoint: Path | None) -> dict[str, Any]:
+        """Evaluate now (after 1-based ``step``); returns the history row written."""
+        assert self.task is not None
+        c = self.cfg
+        result = evaluate(model, tokenizer, self.task, n=c.n, temperature=c.temperature, limit=c.limit,
+                          max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=step,
+                          out_dir=self.folder / f"step-{step:06d}", progress=False)
+        if c.metric not in result.summary:
+            raise ConfigError(f"eval.metric={c.metric!r} is not in the summary of task {self.task.name}; "
+                              f"choose one of {sorted(k for k, v in result.summary.items() if isinstance(v, float))}")
+        previous = self.history()
+        row = {"step": step, "checkpoint": str(checkpoint) if checkpoint else None,
+               **{k: v for k, v in result.summary.items() if isinstance(v, int | float)}}
+        row["collapse_warning"] = self._collapse(row, previous)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.history_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        best = max([*previous, row], key=lambda r: r[c.metric])
+        (self.folder / "best.json").write_text(json.dumps(
+            {"metric": c.metric, "value": best[c.metric], "step": best["step"], "checkpoint": best["checkpoint"]},
+            indent=2))
+        return row
+
+    def _collapse(self, row: dict[str, Any], previous: list[dict[str, Any]]) -> str | None:
+        if not previous:
+            return None
+        metric, best = self.cfg.metric, max(r[self.cfg.metric] for r in previous)
+        reasons = []
+        if best > 0 and row[metric] < (1 - self.cfg.collapse_drop) * best:
+            reasons.append(f"{metric} {row[metric]:.3f} is far below its best {best:.3f}")
+        for key in REPETITION_KEYS:
+            first = previous[0].get(key)
+            if first is not None and row.get(key, 0) >= max(2 * first, 0.05):
+                reasons.append(f"{key} rose from {first:.3f} to {row[key]:.3f}")
+        if not reasons:
+            return None
+        message = f"possible collapse at step {row['step']}: " + "; ".join(reasons)
+        log.warning(message)
+        return message
