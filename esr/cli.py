@@ -7,6 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from esr.cli_diagnostics import add_parsers as add_diagnostic_parsers
+from esr.cli_diagnostics import run_analysis, run_probe
+
 EXAMPLES = """examples:
   esr train configs/quickstart.yaml                       # ESR (N=100) distillation, Qwen 0.5B <- 1.5B, on CPU
   esr train configs/quickstart.yaml rollout.horizon=full rollout.max_new_tokens=400
@@ -17,6 +20,9 @@ EXAMPLES = """examples:
   esr generate runs/smoke/checkpoints/step-000003 --prompt "Hi" --temperature 0
   esr models                                              # zoo presets: installed? cached?
   esr models prepare qwen2.5-coder-1.5b-instruct          # build the fp32 cache once
+  esr eval qwen2.5-coder-0.5b-instruct --task gsm_symbolic --limit 100
+  esr probe kl-profile configs/quickstart.yaml            # where does the KL sit? recommends N
+  esr report runs/esr-100 runs/full-400                   # one HTML page comparing runs
 """
 
 
@@ -59,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, help="results folder (default eval/<model>-<task>, or RUN/eval/<task>)")
     e.add_argument("--no-progress", action="store_true")
 
+    add_diagnostic_parsers(verbs)
+
+    r = verbs.add_parser("report", help="compare run folders in one HTML page and a markdown twin",
+                         epilog="example:\n  esr report runs/esr-100 runs/full-400 --out reports/esr-vs-full.html",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("runs", nargs="+", type=Path, help="run folders")
+    r.add_argument("--out", type=Path, help="HTML file (default FIRST_RUN/report.html; the .md goes beside it)")
+    r.add_argument("--title")
+    r.add_argument("--analysis", action="append", type=Path, default=[],
+                   help="analysis outputs kept outside the run folders (JSON/PNG files or folders); repeatable")
+
     m = verbs.add_parser("models", help="list zoo presets, or prepare one")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     m.add_argument("name", nargs="?", help="preset to prepare")
@@ -72,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     from esr.errors import USER_ERRORS  # deferred: importing torch takes seconds, --help should not
 
     try:
-        return {"train": _train, "generate": _generate, "eval": _eval, "models": _models}[args.verb](args)
+        verbs = {"train": _train, "generate": _generate, "eval": _eval, "probe": run_probe, "analyze": run_analysis,
+                 "report": _report, "models": _models}
+        return verbs[args.verb](args)
     except USER_ERRORS as e:
         if args.verbose:
             raise
@@ -152,14 +171,22 @@ def _eval(args: argparse.Namespace) -> int:
                         "relaxed_accuracy", "multi_box_share", "length_p50", "cut_share") if k in rows[0][1]]
     problems = rows[0][1]["n_problems"]
     table = Table(title=f"esr eval: {task.name}, n={args.n}, T={args.temperature} ({problems} problems)")
-    table.add_column("model", no_wrap=True, min_width=max(len(label) for label, _ in rows))
-    for col in keys:
-        table.add_column(col, justify="right")
-    for label, summary in rows:
-        table.add_row(label, *(f"{summary[k]:.3f}" if isinstance(summary[k], float) else str(summary[k])
-                               for k in keys))
+    # Metrics down, models across: fits a terminal whether one model or a run's ten checkpoints are compared.
+    table.add_column("metric", no_wrap=True)
+    for label, _ in rows:
+        table.add_column(label, justify="right")
+    for k in keys:
+        table.add_row(k, *(f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k]) for _, s in rows))
     Console().print(table)
     print(f"results: {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from esr.report import write_report
+
+    html, md = write_report(args.runs, args.out, title=args.title, analyses=args.analysis)
+    print(f"report: {html}\nmarkdown: {md}")
     return 0
 
 

@@ -23,6 +23,8 @@ import yaml
 Horizon = Literal["full", "esr", "progressive", "ratio"]
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled"]
 CrossTokenizer = Literal["aligned-exact", "span-sampled"]
+Select = Literal["all", "first-n", "last-n", "middle-n", "random-n", "top-kl-n", "top-student-entropy-n",
+                 "top-teacher-entropy-n", "kl*hs", "ht*hs", "kl*ht*hs"]
 Finetune = Literal["lora", "full"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -100,6 +102,16 @@ class LossConfig:
     """For a teacher with another tokenizer: `aligned-exact` (the paper's: divergence over the shared vocabulary on
     tokens both tokenizations cut the same way) or `span-sampled` (every aligned text span, sampled estimator).
     Ignored when the vocabularies are identical."""
+    select: Select = "all"
+    """Which generated tokens get loss, per rollout (the paper's token-selection ablation; the horizon is the other
+    knob): `all` (default), `first-n`, `last-n`, `middle-n`, `random-n`, or the n highest-scoring tokens by
+    `top-kl-n` KL(p_s||p_t), `top-student-entropy-n` H(p_s), `top-teacher-entropy-n` H(p_t), or the products
+    `kl*hs`, `ht*hs`, `kl*ht*hs`. Score-based selectors add a no-grad scoring pass (see esr/losses/select.py)."""
+    select_n: int = 100
+    """n of `loss.select` (tokens trained per rollout; a shorter rollout trains all of its tokens)."""
+    position_gamma: float = 0.0
+    """Position weighting w_t = 1 + gamma * (1 - t/T) of each token's loss (t: response position, T: rollout
+    length); the loss is normalised by the batch's sum of weights. 0 weighs every token equally."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +208,8 @@ def _check_consistency(cfg: Config) -> None:
     positive = {
         "rollout.n": r.n, "rollout.max_new_tokens": r.max_new_tokens, "train.steps": t.steps,
         "train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
-        "loss.chunk_size": cfg.loss.chunk_size, "lora.r": cfg.lora.r, "rollout.every": r.every,
+        "loss.chunk_size": cfg.loss.chunk_size, "loss.select_n": cfg.loss.select_n, "lora.r": cfg.lora.r,
+        "rollout.every": r.every,
         "train.checkpoint_every": t.checkpoint_every, "train.max_nonfinite": t.max_nonfinite,
         "data.size": cfg.data.size, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
         "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
@@ -235,6 +248,14 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
     if not 0.0 <= cfg.loss.beta <= 1.0:
         raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
+    selectors = typing.get_args(Select)  # checked here too: a LossConfig built in code skips from_dict's check
+    if cfg.loss.select not in selectors:
+        close = difflib.get_close_matches(str(cfg.loss.select), selectors, n=1, cutoff=0.4)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"loss.select={cfg.loss.select!r} is not one of {', '.join(selectors)}.{hint}")
+    if not 0.0 <= cfg.loss.position_gamma < float("inf"):
+        raise ConfigError(f"loss.position_gamma must be a finite number >= 0 (0: no position weighting), "
+                          f"got {cfg.loss.position_gamma}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
 

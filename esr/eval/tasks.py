@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from esr.config import DataConfig
 from esr.data.sources import DataError, load_prompts
 
-TASKS = ("gsm_symbolic", "gsm8k", "math500", "jsonl", "humaneval", "bfcl:<category>")
+TASKS = ("gsm_symbolic", "gsm8k", "math500", "jsonl", "humaneval", "bfcl:<category>", "hf:<dataset>[:config]")
 EVAL_SEED = 1_000_003
 """gsm_symbolic's evaluation problems come from this generator seed, apart from training's (data.seed, default 0)."""
 
@@ -165,6 +165,8 @@ def make_task(spec: str, *, path: str | None = None, seed: int = EVAL_SEED, size
         return HumanEvalTask()
     if spec == "gsm_symbolic":
         return MathTask(spec, DataConfig(source="gsm_symbolic", size=size, seed=seed))
+    if spec.startswith("hf:"):  # a hub dataset through `datasets` (needs network or its cache), its test split
+        return MathTask(spec, DataConfig(source=spec, split="test"))
     sources = {"gsm8k": "gsm8k", "math500": "math", "math": "math", "jsonl": "jsonl"}
     if spec in sources:
         if path is None:

@@ -27,7 +27,7 @@ from esr.models.forward import head_logits, response_hidden
 from esr.teacher.cross import CrossBatch
 from esr.teacher.score import TeacherScorer
 from esr.teacher.vocab_map import VocabMap
-from esr.train.step import MicroBatchResult, distill_micro_batch
+from esr.train.step import MicroBatchResult, distill_micro_batch, loss_mask
 from esr.types import Rollouts
 
 
@@ -37,19 +37,22 @@ def distill_aligned(
     rollouts: Rollouts,
     cross: CrossBatch,
     select_B_R: torch.Tensor,
-    n_total: int,
+    n_total: float,
     cfg: LossConfig,
     vocab_size: int,
     vocab_map: VocabMap,
+    *,
+    weight_B_R: torch.Tensor | None = None,
 ) -> MicroBatchResult:
-    """``aligned-exact``: divergence on the shared vocabulary at exact 1:1 positions (``select_B_R`` & exact)."""
+    """``aligned-exact``: divergence on the shared vocabulary at exact 1:1 positions (``select_B_R`` & exact),
+    each weighted by ``weight_B_R`` when given (as in ``distill_micro_batch``)."""
     teacher_hidden_B_Rt_H = scorer.score(cross.teacher)
     index_B_R = cross.pair_B_R.clamp(min=0).to(teacher_hidden_B_Rt_H.device)
     index_B_R_H = index_B_R.unsqueeze(-1).expand(-1, -1, teacher_hidden_B_Rt_H.shape[-1])
     teacher_hidden_B_R_H = teacher_hidden_B_Rt_H.gather(1, index_B_R_H)
     return distill_micro_batch(
         student, scorer, rollouts, select_B_R & cross.exact_B_R, n_total, cfg, vocab_size,
-        teacher_hidden_B_R_H=teacher_hidden_B_R_H, vocab_map=vocab_map,
+        weight_B_R=weight_B_R, teacher_hidden_B_R_H=teacher_hidden_B_R_H, vocab_map=vocab_map,
     )
 
 
@@ -90,11 +93,14 @@ def distill_span(
     rollouts: Rollouts,
     cross: CrossBatch,
     select_B_R: torch.Tensor,
-    n_total: int,
+    n_total: float,
     cfg: LossConfig,
     vocab_size: int,
+    *,
+    weight_B_R: torch.Tensor | None = None,
 ) -> MicroBatchResult:
-    """``span-sampled``: span-level REINFORCE with advantage A_g (module docstring) on ``select_B_R`` & trainable.
+    """``span-sampled``: span-level REINFORCE with advantage A_g (module docstring) on ``select_B_R`` & trainable,
+    each token's term weighted by ``weight_B_R`` when given.
 
     Two head passes over the student's hidden states: one without grad for the span log-probs that make A_g
     (a span may straddle chunks), one with grad for the loss. Each holds at most B x chunk x V logits.
@@ -109,6 +115,7 @@ def distill_span(
     tokens_B_R = rollouts.response_ids_B_R.to(device)
     group_B_R, group_B_Rt = cross.group_B_R.to(device), cross.group_B_Rt.to(device)
     select_B_R = select_B_R.to(device) & (group_B_R >= 0)
+    loss_mask_B_R = loss_mask(select_B_R, weight_B_R)
 
     def project(h: torch.Tensor) -> torch.Tensor:
         return head_logits(student, h, vocab_size)
@@ -121,7 +128,7 @@ def distill_span(
     for a in range(0, tokens_B_R.shape[1], chunk):
         b = a + chunk
         logp_B_T = token_logprobs(project(leaf_B_R_H[:, a:b]), tokens_B_R[:, a:b])
-        loss = token_mean_over_batch(sampled_pg_loss(logp_B_T, advantage_B_R[:, a:b]), select_B_R[:, a:b], n_total)
+        loss = token_mean_over_batch(sampled_pg_loss(logp_B_T, advantage_B_R[:, a:b]), loss_mask_B_R[:, a:b], n_total)
         if loss.requires_grad:
             loss.backward()
         loss_total += float(loss.detach())

@@ -39,12 +39,21 @@ class PeriodicEval:
         """On resume: forget evaluations of steps that are being redone."""
         rows = [r for r in self.history() if r["step"] <= step]
         if self.history_path.is_file():
-            self.history_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp = self.history_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(self.history_path)
+            self._write_best(rows)
 
     def history(self) -> list[dict[str, Any]]:
         if not self.history_path.is_file():
             return []
-        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.history_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a crash: drop it
+                continue
+        return rows
 
     def run(self, step: int, model: Any, tokenizer: Any, checkpoint: Path | None) -> dict[str, Any]:
         """Evaluate now (after 1-based ``step``); returns the history row written."""
@@ -63,11 +72,21 @@ class PeriodicEval:
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.history_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        best = max([*previous, row], key=lambda r: r[c.metric])
-        (self.folder / "best.json").write_text(json.dumps(
-            {"metric": c.metric, "value": best[c.metric], "step": best["step"], "checkpoint": best["checkpoint"]},
-            indent=2))
+        self._write_best([*previous, row])
         return row
+
+    def _write_best(self, rows: list[dict[str, Any]]) -> None:
+        """``best.json`` for the history ``rows`` (removed when there are none), written atomically."""
+        path, metric = self.folder / "best.json", self.cfg.metric
+        rows = [r for r in rows if metric in r]
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        best = max(rows, key=lambda r: r[metric])
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"metric": metric, "value": best[metric], "step": best["step"],
+                                   "checkpoint": best["checkpoint"]}, indent=2))
+        tmp.replace(path)
 
     def _collapse(self, row: dict[str, Any], previous: list[dict[str, Any]]) -> str | None:
         if not previous:

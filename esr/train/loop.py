@@ -16,12 +16,21 @@ from typing import Any
 import torch
 
 from esr.config import Config, load_config, save_config
+from esr.losses import needed_scores
 from esr.teacher.cross import CrossBatch
 from esr.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from esr.train.cross_step import distill_aligned, distill_span
 from esr.train.evaluation import PeriodicEval
-from esr.train.metrics import MetricsLog, StepMetrics, peak_memory_gb
+from esr.train.metrics import MetricsLog, StepMetrics, peak_memory_gb, step_flops
 from esr.train.progress import RunProgress
+from esr.train.scores import (
+    SELECT_SEED,
+    Selection,
+    TokenScores,
+    check_selection_supported,
+    score_tokens,
+    select_for_step,
+)
 from esr.train.session import Session, batch_indices, build_session
 from esr.train.step import MicroBatchResult, distill_micro_batch
 from esr.types import Rollouts
@@ -62,6 +71,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         raise RunFolderError(f"{run_dir} already holds a run: continue it with `esr train --resume {run_dir}`"
                              " or choose another --out")
     s = build_session(cfg)  # before the folder exists: a config the session rejects leaves nothing behind
+    check_selection_supported(cfg.loss, cross_tokenizer=s.cross is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "run.json").write_text(json.dumps(s.info, indent=2))
@@ -98,6 +108,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
                                    {"nonfinite_in_a_row": nonfinite_in_a_row})
         if evals.due(step + 1):
             row = evals.run(step + 1, s.student, s.tokenizer, ckpt)
+            log.scalars("eval", step + 1, row)
             bar.note(f"eval step {step + 1}: {cfg.eval.metric} {row[cfg.eval.metric]:.3f}")
     bar.close()
     log.close()
@@ -121,21 +132,28 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         cross = s.cross.translate(rollouts, prompt_index)
         seconds_align = time.perf_counter() - t0
 
-    # 3. Which response tokens get loss: every generated token (the horizon already stopped ESR at N), across
-    #    tokenizers only those the alignment can pair.
-    select_B_R = rollouts.response_mask_B_R
+    # 3. Which response tokens get loss. Valid: every generated token (the horizon already stopped ESR at N), across
+    #    tokenizers only those the alignment can pair. loss.select keeps some of them per rollout (all by default);
+    #    the KL / entropy selectors first score every token in a no-grad pass (esr/train/scores.py), whose teacher
+    #    hidden states the loss pass reuses. loss.position_gamma weighs the kept tokens by position.
+    valid_B_R = rollouts.response_mask_B_R
     if cross is not None:
-        select_B_R = select_B_R & (cross.exact_B_R if cfg.loss.cross_tokenizer == "aligned-exact"
-                                   else cross.trainable_B_R)
-    n_total = max(1, int(select_B_R.sum()))
-
-    # 4. Teacher scoring + student loss and backward, micro-batch by micro-batch.
+        valid_B_R = valid_B_R & (cross.exact_B_R if cfg.loss.cross_tokenizer == "aligned-exact"
+                                 else cross.trainable_B_R)
     t0, s.scorer.seconds = time.perf_counter(), 0.0
+    scores = (score_tokens(s.student, s.scorer, rollouts, cfg.loss, s.vocab_size, cfg.train.micro_batch_size)
+              if needed_scores(cfg.loss.select) else None)
+    selection = select_for_step(cfg.loss, valid_B_R, rollouts.response_mask_B_R,
+                                SELECT_SEED + cfg.seed * 1_000_003 + step, scores)
+    seconds_select = time.perf_counter() - t0 - s.scorer.seconds  # the student's side of the scoring pass
+
+    # 4. Teacher scoring (unless the scoring pass already ran the teacher) + student loss and backward, micro-batch
+    #    by micro-batch.
     loss, kl_sum = 0.0, 0.0
     for a in range(0, len(rollouts), cfg.train.micro_batch_size):
-        out = _micro_batch(s, cfg, rollouts, cross, select_B_R, a, n_total)
+        out = _micro_batch(s, cfg, rollouts, cross, selection, a)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
-    seconds_score = s.scorer.seconds
+    seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
     # 5. Optimizer step, unless the loss or the gradient is not finite.
@@ -148,29 +166,47 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     lr = s.scheduler.get_last_lr()[0]
     s.scheduler.step()
 
-    lengths_B = rollouts.lengths_B
+    lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
+    flops_generate, flops_score, flops_train = _flops(s, rollouts, cross, scores)
     return StepMetrics(
-        step=step + 1, loss=loss, kl=kl_sum / n_total, horizon=horizon, tokens_generated=int(lengths_B.sum()),
-        tokens_scored=int(select_B_R.sum()), trained_share=float(select_B_R.sum()) / max(1, int(lengths_B.sum())),
-        response_len_mean=float(lengths_B.float().mean()),
+        step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
+        tokens_generated=int(lengths_B.sum()), tokens_scored=n_selected,
+        trained_share=n_selected / max(1, int(lengths_B.sum())), response_len_mean=float(lengths_B.float().mean()),
         response_len_max=int(lengths_B.max()), cut_share=float(rollouts.cut_B.float().mean()),
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
-        seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device), skipped=skipped,
+        seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device),
+        flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
+    )
+
+
+def _flops(s: Session, rollouts: Rollouts, cross: CrossBatch | None, scores: TokenScores | None) -> tuple[float, ...]:
+    """(flops_generate, flops_score, flops_train) of a step (``esr.train.metrics.step_flops``): each model's forward
+    reads every real prompt + response token of its own tokenization once."""
+    return step_flops(
+        s.info["student_params"], s.info["teacher_params"], tokens_generated=int(rollouts.lengths_B.sum()),
+        teacher_tokens=int((rollouts if cross is None else cross.teacher).attention_mask_B_L.sum()),
+        student_tokens=int(rollouts.attention_mask_B_L.sum()),
+        selection_tokens=0 if scores is None else scores.student_tokens,
     )
 
 
 def _micro_batch(
-    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, select_B_R: torch.Tensor, a: int,
-    n_total: int,
+    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, selection: Selection, a: int
 ) -> MicroBatchResult:
     """Loss and backward of rows [a, a + micro_batch_size): same tokenizer, aligned-exact or span-sampled."""
-    mb = rollouts.slice(a, a + cfg.train.micro_batch_size)
+    b = a + cfg.train.micro_batch_size
+    mb = rollouts.slice(a, b)
     n_resp = mb.response_mask_B_R.shape[1]
-    mb_select = select_B_R[a : a + cfg.train.micro_batch_size, :n_resp]
+    mb_select = selection.select_B_R[a:b, :n_resp]
+    mb_weight = None if selection.weight_B_R is None else selection.weight_B_R[a:b, :n_resp]
+    n_total = selection.n_total
     if cross is None:
-        return distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size)
-    mb_cross = cross.slice(a, a + cfg.train.micro_batch_size, n_resp)
+        teacher_hidden = None if selection.scores is None else selection.scores.teacher_hidden[a // (b - a)]
+        return distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size,
+                                   weight_B_R=mb_weight, teacher_hidden_B_R_H=teacher_hidden)
+    mb_cross = cross.slice(a, b, n_resp)
     if cfg.loss.cross_tokenizer == "span-sampled":
-        return distill_span(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size)
+        return distill_span(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size,
+                            weight_B_R=mb_weight)
     return distill_aligned(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size,
-                           s.cross.vocab_map)
+                           s.cross.vocab_map, weight_B_R=mb_weight)

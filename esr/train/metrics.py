@@ -40,12 +40,45 @@ class StepMetrics:
     lr: float
     seconds_generate: float
     seconds_score: float
+    """Teacher forward and head; with a score-based ``loss.select`` also the student's no-grad selection forward."""
     seconds_train: float
     seconds_align: float
     """Cross-tokenizer re-rendering, re-encoding and alignment (0 with one tokenizer)."""
     peak_mem_gb: float
     """Peak resident memory of the process (CPU) or peak allocated CUDA memory, in GB."""
+    flops_generate: float
+    """Approximate sampling FLOPs, 2 * student_params * tokens_generated (``step_flops``)."""
+    flops_score: float
+    """Approximate scoring FLOPs: 2 * teacher_params * teacher prompt + response tokens, plus the student's no-grad
+    selection forward for score-based ``loss.select`` (``step_flops``)."""
+    flops_train: float
+    """Approximate student forward + backward FLOPs, 6 * student_params * prompt + response tokens (``step_flops``).
+    Run totals are the sums over metrics.jsonl lines."""
     skipped: bool = False
+
+
+def step_flops(
+    student_params: int, teacher_params: int, *, tokens_generated: int, teacher_tokens: int, student_tokens: int,
+    selection_tokens: int = 0,
+) -> tuple[float, float, float]:
+    """(flops_generate, flops_score, flops_train) of one step, by the 2N-per-token forward rule (N parameters).
+
+        flops_generate = 2 * N_s * tokens_generated
+        flops_score    = 2 * N_t * teacher_tokens + 2 * N_s * selection_tokens
+        flops_train    = 6 * N_s * student_tokens              (forward 2N + backward 4N per token)
+
+    ``teacher_tokens`` / ``student_tokens``: real (non-padding) prompt + response tokens of the sequences each
+    model's forward reads (the teacher's own tokenization across tokenizers); ``selection_tokens``: those of the
+    student's no-grad forward in a score-based selection pass (0 otherwise).
+
+    Approximations: attention's context-length term (4 * layers * d_model * context per token) and padding are
+    left out; generation counts one forward per generated token and leaves out the prompt's prefill; embedding
+    parameters count like matmul weights; 6N assumes every weight gets a gradient, so under LoRA, where the frozen
+    weights' gradients are skipped, flops_train overstates the backward by up to a third.
+    """
+    return (2.0 * student_params * tokens_generated,
+            2.0 * teacher_params * teacher_tokens + 2.0 * student_params * selection_tokens,
+            6.0 * student_params * student_tokens)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -81,6 +114,15 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"train/{key}", value, metrics.step)
             self.writer.flush()
+
+    def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
+        """Mirror other numbers of a step (the evaluation's) to TensorBoard as ``prefix/key``."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

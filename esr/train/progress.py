@@ -48,7 +48,7 @@ class RunProgress:
 
 
 def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3) -> Table:
-    """Steps, mean KL over the first vs last ``window`` steps, mean seconds per phase, where the run is."""
+    """Steps, mean KL over the first vs last ``window`` steps, mean seconds per phase, total FLOPs, where the run is."""
     table = Table(title="esr run summary", show_header=False)
     if not metrics:
         table.add_row("steps", "0")
@@ -69,6 +69,21 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
     scored = sum(m["tokens_scored"] for m in metrics) / max(1, sum(m["tokens_generated"] for m in metrics))
     if scored < 1:
         table.add_row("share of tokens trained", f"{100 * scored:.1f}%")
+    compute = compute_summary(metrics)
+    if compute:
+        table.add_row("compute", compute)
     table.add_row("peak memory", f"{max(m['peak_mem_gb'] for m in metrics):.1f} GB")
     table.add_row("run folder", str(run_dir))
     return table
+
+
+def compute_summary(metrics: list[dict[str, Any]]) -> str | None:
+    """Total approximate FLOPs of the run and each phase's share, e.g. "1.2e+15 FLOPs (gen 10%, score 30%, train
+    60%)"; None when no line has them (runs logged before esr counted FLOPs)."""
+    totals = {phase: sum(m.get(f"flops_{phase}", 0.0) for m in metrics) for phase in ("generate", "score", "train")}
+    total = sum(totals.values())
+    if total <= 0:
+        return None
+    shares = ", ".join(f"{name} {100 * totals[phase] / total:.0f}%"
+                       for name, phase in (("gen", "generate"), ("score", "score"), ("train", "train")))
+    return f"{total:.1e} FLOPs ({shares})"

@@ -6,7 +6,9 @@ the leaf at once and the chunk's logits are freed. Finally the accumulated leaf 
 decoder in one backward. Peak logits memory is B x c x V per model, whatever the response length, with no recompute.
 
 Normalisation: every chunk's loss is divided by ``n_total``, the number of selected tokens in the WHOLE batch
-(all micro-batches), so the summed gradient is the token-level mean of the batch however it is split.
+(all micro-batches), so the summed gradient is the token-level mean of the batch however it is split. With
+position weights w (``loss.position_gamma``) the loss is sum(w * loss) / n_total with n_total = sum of w over the
+batch's selected tokens, a weighted mean that is just as independent of the split.
 """
 
 from __future__ import annotations
@@ -55,22 +57,34 @@ def per_token_loss(
     return DIVERGENCES[cfg.kind](student_logits_B_T_V, teacher_logits_B_T_V)
 
 
+def loss_mask(select_B_R: torch.Tensor, weight_B_R: torch.Tensor | None) -> torch.Tensor:
+    """The mask the loss is reduced with: ``select_B_R`` itself (bool), or the weights on selected tokens (float)."""
+    if weight_B_R is None:
+        return select_B_R
+    weight_B_R = weight_B_R.to(select_B_R.device)
+    return torch.where(select_B_R, weight_B_R, torch.zeros_like(weight_B_R))
+
+
 def distill_micro_batch(
     student: nn.Module,
     scorer: TeacherScorer,
     rollouts: Rollouts,
     select_B_R: torch.Tensor,
-    n_total: int,
+    n_total: float,
     cfg: LossConfig,
     vocab_size: int,
     *,
+    weight_B_R: torch.Tensor | None = None,
     teacher_hidden_B_R_H: torch.Tensor | None = None,
     vocab_map: VocabMap | None = None,
 ) -> MicroBatchResult:
     """Forward and backward of one micro-batch; gradients accumulate into the student's parameters.
 
-    Cross-tokenizer (``aligned-exact``) callers pass the teacher's hidden states already gathered at the student's
-    positions and the ``vocab_map`` whose shared columns both distributions are restricted (and renormalised) to.
+        loss = sum_{selected (b,t)} w[b,t] * loss[b,t] / n_total      (w = 1 when ``weight_B_R`` is None)
+
+    ``teacher_hidden_B_R_H``: the teacher's hidden states when the caller already has them (a selection scoring
+    pass, or cross-tokenizer ``aligned-exact``, which gathers them at the student's positions and passes the
+    ``vocab_map`` whose shared columns both distributions are restricted, and renormalised, to).
     """
     device = next(student.parameters()).device
     if teacher_hidden_B_R_H is None:
@@ -81,6 +95,7 @@ def distill_micro_batch(
     leaf_B_R_H = student_hidden_B_R_H.detach().requires_grad_(True)
     tokens_B_R = rollouts.response_ids_B_R.to(device)
     select_B_R = select_B_R.to(device)
+    loss_mask_B_R = loss_mask(select_B_R, weight_B_R)
     R = tokens_B_R.shape[1]
     loss_total, kl_sum = 0.0, 0.0
     kl_B_R = torch.zeros(tokens_B_R.shape, dtype=torch.float32)
@@ -91,7 +106,7 @@ def distill_micro_batch(
         if vocab_map is not None:  # log_softmax inside the divergences renormalises over the shared tokens
             student_logits, teacher_logits = vocab_map.restrict(student_logits, teacher_logits)
         values_B_T = per_token_loss(cfg, student_logits, teacher_logits, tokens_B_R[:, a:b])
-        loss = token_mean_over_batch(values_B_T, select_B_R[:, a:b], n_total)
+        loss = token_mean_over_batch(values_B_T, loss_mask_B_R[:, a:b], n_total)
         if loss.requires_grad:
             loss.backward()
         with torch.no_grad():

@@ -131,3 +131,17 @@ def test_evaluation_during_training_keeps_history_and_best(tmp_path):
     best = json.loads((run.run_dir / "eval" / "best.json").read_text())
     assert best["step"] == 2 and best["metric"] == "accuracy"
 
+
+
+def test_resume_forgets_evaluations_of_redone_steps(tmp_path):
+    from esr.train.evaluation import PeriodicEval
+
+    evals = PeriodicEval(load_config(SMOKE, ["eval.every=2"]), tmp_path)
+    evals.folder.mkdir(parents=True)
+    rows = [{"step": 2, "checkpoint": "c2", "accuracy": 0.25}, {"step": 4, "checkpoint": "c4", "accuracy": 0.5}]
+    evals.history_path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "accur')  # torn line
+    assert [r["step"] for r in evals.history()] == [2, 4]
+    evals.truncate_after(3)
+    assert [r["step"] for r in evals.history()] == [2]
+    assert json.loads((evals.folder / "best.json").read_text())["checkpoint"] == "c2"
+    assert evals.due(4) and not evals.due(3)

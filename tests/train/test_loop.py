@@ -127,3 +127,68 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'train.stepz'" in err and "Did you mean 'train.steps'" in err
     assert "Traceback" not in err
+
+
+def test_resume_with_random_n_selection_is_bit_exact(tmp_path, monkeypatch):
+    """random-n draws from a generator seeded by the step, so a resumed run selects (and learns) the same."""
+    overrides = ["train.steps=4", "train.checkpoint_every=2", "loss.select=random-n", "loss.select_n=5",
+                 "loss.position_gamma=0.5"]
+    whole = train(load_config(SMOKE, overrides), tmp_path / "whole", progress=False)
+    assert all(r["tokens_scored"] <= 5 * 4 for r in whole.metrics)
+
+    calls = {"n": 0}
+    real = loop_module.distill_micro_batch
+
+    def crash_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "distill_micro_batch", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
+    monkeypatch.setattr(loop_module, "distill_micro_batch", real)
+    resumed = resume(tmp_path / "crashed", progress=False)
+    assert _stable(resumed.metrics) == _stable(whole.metrics)
+    a = load_file(whole.last_checkpoint / "adapter_model.safetensors")
+    b = load_file(resumed.last_checkpoint / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("select", "selection_forward"),
+                         [("all", False), ("top-kl-n", True), ("top-teacher-entropy-n", False)])
+def test_flops_follow_the_formula(tmp_path, select, selection_forward):
+    """2 N_s per generated token; 2 N_t per prompt + response token the teacher reads (+ 2 N_s for the student's
+    no-grad selection forward when the selector needs the student); 6 N_s per student prompt + response token."""
+    from esr.train.session import batch_indices, build_session
+
+    cfg = load_config(SMOKE, ["train.steps=1", f"loss.select={select}", "loss.select_n=4"])
+    (row,) = train(cfg, tmp_path / "r", progress=False).metrics
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    n_s, n_t = info["student_params"], info["teacher_params"]
+    prompts = build_session(cfg).prompt_ids
+    prompt_tokens = sum(len(prompts[i]) for i in batch_indices(len(prompts), cfg.train.batch_size, 0, cfg.seed))
+    tokens = prompt_tokens + row["tokens_generated"]  # what each model's forward reads
+    assert row["flops_generate"] == 2 * n_s * row["tokens_generated"]
+    assert row["flops_score"] == 2 * n_t * tokens + (2 * n_s * tokens if selection_forward else 0)
+    assert row["flops_train"] == 6 * n_s * tokens
+    assert n_t > n_s > 0
+
+
+def test_summary_shows_total_compute_and_reads_old_metrics(tmp_path):
+    from rich.console import Console
+
+    from esr.train.progress import summary_table
+
+    old = {"step": 1, "skipped": False, "kl": 0.5, "seconds_generate": 1.0, "seconds_score": 1.0,
+           "seconds_train": 1.0, "tokens_generated": 10, "tokens_scored": 10, "peak_mem_gb": 1.0}
+    new = {**old, "step": 2, "flops_generate": 1e14, "flops_score": 3e14, "flops_train": 6e14}
+
+    def render(rows):
+        console = Console(record=True, width=200)
+        console.print(summary_table(rows, tmp_path))
+        return console.export_text()
+
+    assert "compute" not in render([old])  # lines from before esr counted FLOPs
+    assert "1.0e+15 FLOPs (gen 10%, score 30%, train 60%)" in render([old, new])

@@ -1,0 +1,398 @@
+"""KL profile: where in the student's answer the teacher disagrees with it, and the N that ESR should supervise.
+
+R student rollouts are sampled (no training) at the rollout temperature; at every response position t (1-based: t
+is the t-th generated token) both models' untempered next-token distributions are compared exactly over the shared
+vocabulary, a time-chunk at a time (never B x T x V logits for long T):
+
+    KL_t  = KL(p_s || p_t) = sum_v p_s(v) (log p_s(v) - log p_t(v))        (reverse KL, the OPD / ESR loss)
+    H_s,t = -sum_v p_s(v) log p_s(v)          H_t,t = -sum_v p_t(v) log p_t(v)
+
+Aggregation: a rollout is *alive* at t while t <= its length (its EOS included). Per position, mean / std
+(population, ddof=0) / p25 / p75 (linear interpolation) over the alive rollouts; per bucket of ``bucket`` positions
+the same statistics pooled over every alive (rollout, position) value in the bucket.
+
+Cumulative KL and the recommended N (the paper's rule of thumb: supervise the prefix holding ~45% of the KL):
+
+    m(t) = mean over rollouts alive at t of KL_t                  (each position weighs the same, however many
+    C(t) = sum_{u<=t} m(u) / sum_{u<=T} m(u)                       rollouts are still alive there)
+    N    = min { t : C(t) >= share }
+
+``cumulative_mass`` is the variant that sums KL over rollouts instead of averaging, the share of the token-level
+KL total (what a full-rollout OPD loss sees); it is written to the JSON as a second opinion, N comes from C(t).
+
+    run_kl_profile("configs/quickstart.yaml", "runs/profile", rollouts=8, max_new_tokens=256).recommended_n
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from esr.config import Config, ConfigError, load_config
+from esr.losses.divergences import reverse_kl
+from esr.models.forward import head_logits, response_hidden
+from esr.types import Rollouts
+
+STATS = ("mean", "std", "p25", "p75")
+QUANTITIES = ("kl", "student_entropy", "teacher_entropy")
+
+
+@dataclass(frozen=True)
+class PositionStats:
+    """Statistics over the rollouts alive at each position; arrays of shape (T,), NaN where none is alive."""
+
+    mean_T: np.ndarray
+    std_T: np.ndarray
+    p25_T: np.ndarray
+    p75_T: np.ndarray
+    alive_T: np.ndarray  # rollouts alive at each position (int)
+
+
+@dataclass(frozen=True)
+class BucketStats:
+    """Statistics pooled over the alive (rollout, position) values of positions ``start..stop`` (1-based)."""
+
+    start: int
+    stop: int
+    mean: float
+    std: float
+    p25: float
+    p75: float
+    tokens: int  # values pooled: alive rollouts summed over the bucket's positions
+    alive: int  # rollouts alive at the bucket's first position
+    rollout_p25: float  # quartiles over rollouts of each rollout's own mean in the bucket (the plots' bands)
+    rollout_p75: float
+
+
+@dataclass
+class KLProfile:
+    """The profile of one student-teacher pair; per-token values are rows of the concatenated rollout batches."""
+
+    positions: dict[str, PositionStats]  # per-position statistics of kl, student_entropy, teacher_entropy
+    buckets: dict[str, list[BucketStats]]
+    cumulative_T: np.ndarray  # C(t) from the per-position mean KL (module docstring)
+    cumulative_mass_T: np.ndarray  # the same from the per-position KL sum over rollouts
+    recommended_n: int | None  # smallest 1-based t with C(t) >= share; None when the KL is 0 everywhere
+    share: float
+    bucket: int
+    values_B_R: dict[str, torch.Tensor]
+    """Per-token ``kl``, ``student_entropy``, ``teacher_entropy``, float32 (B, R), 0 where not alive."""
+    mask_B_R: torch.Tensor
+    rollouts: tuple[Rollouts, ...]  # the sampled batches, in order: their rows are the rows of values_B_R
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def position_stats(values_B_R: np.ndarray | torch.Tensor, mask_B_R: np.ndarray | torch.Tensor) -> PositionStats:
+    """Mean, population std, p25, p75 and alive count of ``values`` over the rows where ``mask`` is set, per column."""
+    values, mask = np.asarray(values_B_R, dtype=np.float64), np.asarray(mask_B_R, dtype=bool)
+    out = {s: np.full(values.shape[1], np.nan) for s in STATS}
+    for t in range(values.shape[1]):
+        v = values[mask[:, t], t]
+        if v.size:
+            out["mean"][t], out["std"][t] = v.mean(), v.std()
+            out["p25"][t], out["p75"][t] = np.percentile(v, 25), np.percentile(v, 75)
+    return PositionStats(out["mean"], out["std"], out["p25"], out["p75"], mask.sum(axis=0).astype(int))
+
+
+def bucket_stats(values_B_R: np.ndarray | torch.Tensor, mask_B_R: np.ndarray | torch.Tensor,
+                 bucket: int) -> list[BucketStats]:
+    """Statistics pooled over consecutive buckets of ``bucket`` positions: positions 1..bucket, bucket+1..2*bucket, ...
+
+    plus the quartiles over rollouts of each rollout's mean over its alive positions in the bucket (how much the
+    curve varies from answer to answer; token quartiles of a heavy-tailed KL sit far below its mean). Empty buckets
+    (no alive value) are left out.
+    """
+    if bucket < 1:
+        raise ValueError(f"bucket must be at least 1, got {bucket}")
+    values, mask = np.asarray(values_B_R, dtype=np.float64), np.asarray(mask_B_R, dtype=bool)
+    out = []
+    for s in range(0, values.shape[1], bucket):
+        block, alive = values[:, s : s + bucket], mask[:, s : s + bucket]
+        if (v := block[alive]).size:
+            rows = alive.any(axis=1)
+            per_rollout = np.where(alive, block, 0.0).sum(axis=1)[rows] / alive.sum(axis=1)[rows]
+            out.append(BucketStats(s + 1, min(s + bucket, values.shape[1]), float(v.mean()), float(v.std()),
+                                   float(np.percentile(v, 25)), float(np.percentile(v, 75)), int(v.size),
+                                   int(mask[:, s].sum()), *(float(np.percentile(per_rollout, q)) for q in (25, 75))))
+    return out
+
+
+def cumulative_share(per_position_T: Sequence[float] | np.ndarray) -> np.ndarray:
+    """C(t) = sum_{u<=t} m(u) / sum_u m(u), NaN entries counted as 0; all zeros when the total is 0."""
+    m = np.nan_to_num(np.asarray(per_position_T, dtype=np.float64), nan=0.0)
+    total = m.sum()
+    return np.cumsum(m) / total if total > 0 else np.zeros_like(m)
+
+
+def recommend_n(cumulative_T: Sequence[float] | np.ndarray, share: float) -> int | None:
+    """N = the smallest 1-based t with C(t) >= share (1e-12 tolerance for float sums); None if C never gets there."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    hits = np.nonzero(np.asarray(cumulative_T, dtype=np.float64) >= share - 1e-12)[0]
+    return int(hits[0]) + 1 if hits.size else None
+
+
+
+def entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_v p(v) log p(v), p = softmax(logits), in at least float32, with 0 log 0 = 0; shape (B, T)."""
+    logp = torch.log_softmax(logits_B_T_V.to(torch.promote_types(logits_B_T_V.dtype, torch.float32)), dim=-1)
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(dim=-1)  # p = 0 where log p = -inf: 0, never NaN
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode (no dropout) for the block and restore their training flags after."""
+    flags = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(models, flags, strict=True):
+            m.train(flag)
+
+
+@torch.no_grad()
+def token_stats(student: nn.Module, teacher: nn.Module, rollouts: Rollouts, *, vocab_size: int,
+                chunk_size: int = 64) -> dict[str, torch.Tensor]:
+    """Per-token reverse KL and both entropies of ``rollouts``: float32 (B, R) on CPU, 0 where the mask is off.
+
+    Both decoders run once (hidden states of response-predicting positions only); the vocabulary projection runs
+    ``chunk_size`` positions at a time, so at most B x chunk_size x V logits per model exist at once.
+    """
+    with eval_mode(student, teacher):
+        h_s_B_R_H, h_t_B_R_H = response_hidden(student, rollouts), response_hidden(teacher, rollouts)
+        pieces: dict[str, list[torch.Tensor]] = {q: [] for q in QUANTITIES}
+        for a in range(0, h_s_B_R_H.shape[1], chunk_size):
+            s_B_C_V = head_logits(student, h_s_B_R_H[:, a : a + chunk_size], vocab_size)
+            t_B_C_V = head_logits(teacher, h_t_B_R_H[:, a : a + chunk_size], vocab_size)
+            pieces["kl"].append(reverse_kl(s_B_C_V, t_B_C_V).cpu())
+            pieces["student_entropy"].append(entropy(s_B_C_V).cpu())
+            pieces["teacher_entropy"].append(entropy(t_B_C_V).cpu())
+    mask_B_R = rollouts.response_mask_B_R
+    return {q: torch.where(mask_B_R, torch.cat(v, dim=1).float(), 0.0) for q, v in pieces.items()}
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """The rich progress bar the probes show (disabled: prints nothing)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def kl_profile(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    rollouts: int = 16,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    share: float = 0.45,
+    bucket: int = 10,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 64,
+    progress: bool = False,
+) -> KLProfile:
+    """Sample ``rollouts`` student answers (prompts taken in order, cycled) and profile them (module docstring).
+
+    Same tokenizer only: check with ``require_shared_vocabulary`` (``run_kl_profile`` does). ``vocab_size``
+    defaults to the columns both output layers have. Batch b is sampled with seed ``seed * 1_000_003 + first row``.
+    """
+    from esr.rollout.eos import eos_token_ids
+    from esr.rollout.sampler import HFSampler
+    from esr.train.session import shared_vocab_size
+
+    if rollouts < 1 or not prompt_ids:
+        raise ValueError(f"kl_profile needs at least one prompt and one rollout, got {len(prompt_ids)} / {rollouts}")
+    recommend_n([1.0], share)  # validates share before any compute
+    vocab_size = vocab_size or shared_vocab_size(student, teacher, tokenizer)
+    sampler = HFSampler(student, eos_token_ids=eos_token_ids(tokenizer, student), pad_token_id=tokenizer.pad_token_id,
+                        temperature=temperature, top_p=top_p)
+    rows = [prompt_ids[i % len(prompt_ids)] for i in range(rollouts)]
+    batches, values, seconds = [], [], {"sample": 0.0, "score": 0.0}
+    with progress_bar(progress) as bar:
+        task = bar.add_task("kl-profile: sample + score", total=rollouts)
+        for start in range(0, rollouts, batch_size):
+            t0 = time.perf_counter()
+            batch = sampler.sample(rows[start : start + batch_size], max_new_tokens, seed=seed * 1_000_003 + start)
+            t1 = time.perf_counter()
+            values.append(token_stats(student, teacher, batch, vocab_size=vocab_size, chunk_size=chunk_size))
+            seconds["sample"] += t1 - t0
+            seconds["score"] += time.perf_counter() - t1
+            batches.append(batch)
+            bar.update(task, advance=len(batch))
+    profile = summarize_profile(*_stack(values, batches), share=share, bucket=bucket)
+    profile.rollouts, profile.seconds = tuple(batches), seconds
+    profile.settings = dict(rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            share=share, bucket=bucket, seed=seed, vocab_size=vocab_size, prompts=len(prompt_ids))
+    return profile
+
+
+def kl_profile_session(session: Any, **kwargs: Any) -> KLProfile:
+    """``kl_profile`` on a ``build_session`` Session: its student, teacher, tokenizer, prompts and shared vocabulary."""
+    if session.cross is not None:
+        raise ConfigError("kl-profile needs a shared vocabulary: it compares student and teacher token by token in one "
+                          "id space, and this session's teacher has another tokenizer (loss.cross_tokenizer is set)")
+    return kl_profile(session.student, session.teacher, session.tokenizer, session.prompt_ids,
+                      vocab_size=session.vocab_size, **kwargs)
+
+
+def _stack(values: Sequence[dict[str, torch.Tensor]], batches: Sequence[Rollouts]) -> tuple[dict, torch.Tensor]:
+    """Per-token values and masks of all batches as (B, R_max) tensors, padded with 0 / False."""
+    R = max(b.response_mask_B_R.shape[1] for b in batches)
+    pad = lambda x: torch.nn.functional.pad(x, (0, R - x.shape[1]))
+    return ({q: torch.cat([pad(v[q]) for v in values]) for q in QUANTITIES},
+            torch.cat([pad(b.response_mask_B_R) for b in batches]))
+
+
+def summarize_profile(values_B_R: dict[str, torch.Tensor], mask_B_R: torch.Tensor, *, share: float,
+                      bucket: int) -> KLProfile:
+    """Per-position and per-bucket statistics, C(t) and N from per-token values (pure; no model involved)."""
+    positions = {q: position_stats(values_B_R[q], mask_B_R) for q in QUANTITIES}
+    cumulative = cumulative_share(positions["kl"].mean_T)
+    mass = cumulative_share((values_B_R["kl"].double() * mask_B_R).sum(dim=0).numpy())
+    return KLProfile(
+        positions=positions, buckets={q: bucket_stats(values_B_R[q], mask_B_R, bucket) for q in QUANTITIES},
+        cumulative_T=cumulative, cumulative_mass_T=mass,
+        recommended_n=recommend_n(cumulative, share), share=share, bucket=bucket,
+        values_B_R=values_B_R, mask_B_R=mask_B_R, rollouts=(),
+    )
+
+
+
+@dataclass
+class Pair:
+    """Student and teacher loaded from a config, sharing one tokenizer."""
+
+    student: nn.Module
+    teacher: nn.Module
+    tokenizer: Any
+    vocab_size: int
+
+
+def require_shared_vocabulary(student_tok: Any, teacher_tok: Any, student: str, teacher: str, probe: str) -> None:
+    """Raise ConfigError when the two tokenizers do not share one id space (the probes compare ids position by
+    position, which a cross-tokenizer pair cannot do)."""
+    from esr.train.session import vocabulary_mismatch
+
+    why = vocabulary_mismatch(student_tok, teacher_tok)
+    if why is not None:
+        raise ConfigError(
+            f"{probe} needs a shared vocabulary: it compares student and teacher token by token in one id space, but "
+            f"student '{student}' and teacher '{teacher}' have different tokenizers ({why}). Profile a pair from one "
+            f"model family (e.g. qwen2.5-coder-0.5b-instruct <- qwen2.5-coder-1.5b-instruct).")
+
+
+def as_config(config: str | Path | Config) -> Config:
+    """A Config from a YAML path or a Config."""
+    return config if isinstance(config, Config) else load_config(config)
+
+
+def load_pair(cfg: Config, probe: str) -> Pair:
+    """Load student and teacher on ``train.device`` in ``train.dtype`` (no LoRA), checking the tokenizers first."""
+    from esr.models import load_model, load_tokenizer
+    from esr.train.session import resolve_device, resolve_dtype, shared_vocab_size
+
+    s, t = cfg.student, cfg.teacher
+    require_shared_vocabulary(load_tokenizer(s.name, s.trust_remote_code), load_tokenizer(t.name, t.trust_remote_code),
+                              s.name, t.name, probe)
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    student, tokenizer = load_model(s.name, dtype=dtype, device=device, trust_remote_code=s.trust_remote_code)
+    teacher, _ = load_model(t.name, dtype=dtype, device=device, trust_remote_code=t.trust_remote_code)
+    return Pair(student, teacher, tokenizer, shared_vocab_size(student, teacher, tokenizer))
+
+
+def profile_summary(profile: KLProfile) -> dict[str, Any]:
+    """What ``kl_profile.json`` holds: settings, N, C(t) at a few positions, per-bucket statistics, timings."""
+    mask = profile.mask_B_R
+    lengths = mask.sum(dim=1).double()
+    kl = profile.values_B_R["kl"].double()
+    at = {str(t): float(profile.cumulative_T[t - 1]) for t in (10, 25, 50, 100, 200, 300, 500)
+          if t <= len(profile.cumulative_T)}
+    buckets = {q: [dataclasses.asdict(b) for b in bs] for q, bs in profile.buckets.items()}
+    return {
+        "recommended_n": profile.recommended_n, "share": profile.share,
+        "recommended_n_mass": recommend_n(profile.cumulative_mass_T, profile.share),
+        "cumulative_kl_at": at, "token_mean_kl": float(kl.sum() / mask.sum()) if mask.any() else 0.0,
+        "response_length": {"mean": float(lengths.mean()), "p50": float(lengths.median()), "max": int(lengths.max())},
+        "cut_share": float(torch.cat([b.cut_B for b in profile.rollouts]).float().mean()) if profile.rollouts else 0.0,
+        "settings": profile.settings, "seconds": profile.seconds, "bucket": profile.bucket, "buckets": buckets,
+        "positions_csv": "kl_profile.csv",
+        "note": "positions are 1-based; C(t) = sum_{u<=t} m(u) / sum_u m(u), m(u) = mean KL over the rollouts alive "
+                "at u; N = min t with C(t) >= share. recommended_n_mass: the same with the KL sum over rollouts.",
+    }
+
+
+def write_profile(profile: KLProfile, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``kl_profile.json``, ``kl_profile.csv`` (one row per position) and ``kl_profile.png`` to ``out_dir``."""
+    from esr.analysis.plots import plot_kl_profile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "kl_profile.json", "csv": out / "kl_profile.csv", "png": out / "kl_profile.png"}
+    (tmp := out / ".kl_profile.json.tmp").write_text(json.dumps(profile_summary(profile), indent=2), encoding="utf-8")
+    tmp.replace(paths["json"])
+    header = ["position", "alive", *[f"{q}_{s}" for q in QUANTITIES for s in STATS], "cumulative_kl",
+              "cumulative_kl_mass"]
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for t in range(len(profile.cumulative_T)):
+            stats = [getattr(profile.positions[q], f"{s}_T")[t] for q in QUANTITIES for s in STATS]
+            writer.writerow([t + 1, int(profile.positions["kl"].alive_T[t]), *[f"{v:.6g}" for v in stats],
+                             f"{profile.cumulative_T[t]:.6g}", f"{profile.cumulative_mass_T[t]:.6g}"])
+    plot_kl_profile(profile, paths["png"])
+    return paths
+
+
+def run_kl_profile(
+    config: str | Path | Config,
+    out_dir: str | Path,
+    *,
+    rollouts: int = 16,
+    max_new_tokens: int = 512,
+    share: float = 0.45,
+    limit: int | None = None,
+    bucket: int = 10,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> KLProfile:
+    """Profile the config's student/teacher pair on its ``data`` prompts and write the outputs to ``out_dir``.
+
+    Uses ``data`` (its first min(data.limit, limit, rollouts) prompts in source order, cycled up to ``rollouts``),
+    ``rollout.temperature`` / ``top_p``, ``loss.chunk_size``, ``seed``, ``train.device`` / ``dtype``. Raises
+    ConfigError for a cross-tokenizer pair.
+    """
+    from esr.data import load_prompts, tokenize_prompts
+
+    cfg = as_config(config)
+    pair = load_pair(cfg, "kl-profile")
+    n_prompts = min(x for x in (cfg.data.limit, limit, rollouts) if x is not None)
+    data = type(cfg.data)(**{**cfg.data.__dict__, "limit": n_prompts})
+    prompt_ids = tokenize_prompts(load_prompts(data).prompts, pair.tokenizer, cfg.data.max_prompt_tokens).ids
+    r = cfg.rollout
+    profile = kl_profile(pair.student, pair.teacher, pair.tokenizer, prompt_ids, rollouts=rollouts,
+                         max_new_tokens=max_new_tokens, temperature=r.temperature, top_p=r.top_p, share=share,
+                         bucket=bucket, seed=cfg.seed, vocab_size=pair.vocab_size, batch_size=batch_size,
+                         chunk_size=cfg.loss.chunk_size, progress=progress)
+    profile.settings.update(student=cfg.student.name, teacher=cfg.teacher.name, data=cfg.data.source)
+    write_profile(profile, out_dir)
+    return profile

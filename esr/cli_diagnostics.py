@@ -1,0 +1,117 @@
+"""`esr probe ...` and `esr analyze ...`: the diagnostics that show why a horizon works for a pair. Thin: every verb is
+one call into ``esr.analysis``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PROBE_EXAMPLES = """examples:
+  esr probe kl-profile configs/quickstart.yaml --rollouts 16 --max-new-tokens 512     # per-position KL, pick N
+  esr probe decay configs/quickstart.yaml --ks 0 25 50 100 200 --limit 16             # teacher from student prefixes
+  esr probe decay configs/quickstart.yaml --mirror                                    # student from teacher prefixes
+"""
+ANALYZE_EXAMPLES = """examples:
+  esr analyze cascade runs/quickstart-20261124-101500                 # KL before/after training, inside/beyond N
+  esr analyze modes runs/esr-100 --against runs/full-400              # top-KL token modes, length percentiles
+  esr analyze tokens runs/esr-100                                     # KL by token category and position range
+"""
+
+
+def add_parsers(verbs: argparse._SubParsersAction) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    probe = verbs.add_parser("probe", help="probe a student/teacher pair before training (kl-profile, decay)",
+                             epilog=PROBE_EXAMPLES, formatter_class=raw)
+    kinds = probe.add_subparsers(dest="probe", required=True)
+    kl = kinds.add_parser("kl-profile", help="per-position KL and entropies on student rollouts; recommends N",
+                          epilog=PROBE_EXAMPLES, formatter_class=raw)
+    kl.add_argument("config", help="a run config (its student, teacher and data are used)")
+    kl.add_argument("--rollouts", type=int, default=16)
+    kl.add_argument("--max-new-tokens", type=int, default=512)
+    kl.add_argument("--share", type=float, default=0.45, help="recommend N where cumulative KL reaches this share")
+    kl.add_argument("--bucket", type=int, default=10, help="positions per bucket in the plot")
+    kl.add_argument("--out", type=Path, default=Path("probes/kl-profile"))
+    decay = kinds.add_parser("decay", help="teacher accuracy when continuing k-token student prefixes",
+                             epilog=PROBE_EXAMPLES, formatter_class=raw)
+    decay.add_argument("config", help="a run config (its student and teacher are used)")
+    decay.add_argument("--ks", type=int, nargs="+", default=[0, 25, 50, 100, 200, 300])
+    decay.add_argument("--task", default="gsm_symbolic")
+    decay.add_argument("--limit", type=int, default=16)
+    decay.add_argument("--n", type=int, default=1)
+    decay.add_argument("--temperature", type=float, default=0.0)
+    decay.add_argument("--max-new-tokens", type=int, default=384)
+    decay.add_argument("--mirror", action="store_true", help="the student continues k-token teacher prefixes")
+    decay.add_argument("--out", type=Path, default=Path("probes/decay"))
+
+    analyze = verbs.add_parser("analyze", help="analyse trained runs (cascade, modes, tokens)",
+                               epilog=ANALYZE_EXAMPLES, formatter_class=raw)
+    kinds = analyze.add_subparsers(dest="analysis", required=True)
+    cascade = kinds.add_parser("cascade", help="per-position KL before vs after training", epilog=ANALYZE_EXAMPLES,
+                               formatter_class=raw)
+    cascade.add_argument("run", type=Path)
+    cascade.add_argument("--n", type=int, help="the trained window (default: the run's rollout.n under ESR)")
+    modes = kinds.add_parser("modes", help="sub-mode commitment on top-KL tokens, length percentiles",
+                             epilog=ANALYZE_EXAMPLES, formatter_class=raw)
+    modes.add_argument("run", type=Path)
+    modes.add_argument("--against", type=Path, action="append", default=[], help="another run to compare")
+    modes.add_argument("--top-share", type=float, default=0.10)
+    tokens = kinds.add_parser("tokens", help="KL by token category and position range", epilog=ANALYZE_EXAMPLES,
+                              formatter_class=raw)
+    tokens.add_argument("target", help="a run folder (its last checkpoint) or a model spec (then --teacher)")
+    tokens.add_argument("--teacher", help="teacher spec when TARGET is a model")
+    tokens.add_argument("--top", type=int, default=30)
+    for p in (cascade, modes, tokens):
+        p.add_argument("--rollouts", type=int, default=16)
+        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--out", type=Path, help="output folder (default RUN/analysis)")
+    for p in (kl, decay, cascade, modes, tokens):
+        p.add_argument("--no-progress", action="store_true")
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.probe == "kl-profile":
+        from esr.analysis.kl_profile import run_kl_profile
+
+        result = run_kl_profile(args.config, args.out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
+                                share=args.share, bucket=args.bucket, progress=progress)
+        print(f"recommended N = {result.recommended_n} (cumulative KL reaches {args.share:.0%}); "
+              f"results in {args.out}")
+        return 0
+    from esr.analysis.decay import run_decay
+
+    result = run_decay(args.config, args.out, ks=args.ks, task=args.task, limit=args.limit, n=args.n,
+                       temperature=args.temperature, max_new_tokens=args.max_new_tokens, mirror=args.mirror,
+                       progress=progress)
+    for k in result.ks:
+        print(f"k={k:4d}  {result.continuer} accuracy {result.accuracy[k]:.3f}  Delta(k) {result.gap[k]:+.3f}")
+    print(f"results in {args.out}")
+    return 0
+
+
+def run_analysis(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.analysis == "cascade":
+        from esr.analysis.cascade import run_cascade
+
+        result = run_cascade(args.run, args.out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
+                             n=args.n, progress=progress)
+        pct = lambda v: "n/a" if v is None else f"{v:.1f}%"
+        print(f"KL drop inside [0, {result.n}): {pct(result.drop_in_pct)}; beyond: {pct(result.drop_beyond_pct)}")
+        print(f"results in {args.out or args.run / 'analysis'}")
+    elif args.analysis == "modes":
+        from esr.analysis.modes import run_modes
+
+        out = args.out or args.run / "analysis"
+        run_modes([args.run, *args.against], out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
+                  top_share=args.top_share, progress=progress)
+        print(f"results in {out}")
+    else:
+        from esr.analysis.tokens import run_token_analysis
+
+        target = Path(args.target)
+        out = args.out or (target / "analysis" if target.is_dir() else Path("analysis") / target.name)
+        run_token_analysis(args.target, out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
+                           top=args.top, teacher=args.teacher, progress=progress)
+        print(f"results in {out}")
+    return 0
