@@ -76,7 +76,8 @@ def main() -> None:
     for arm in ("plain", "esr"):
         print(f"  {arm:6s} {tokens[arm]:6d} tokens  {min(times[arm]):7.2f} s  {rate[arm]:7.1f} tokens/s")
     print(f"  esr / plain throughput: {rate['esr'] / rate['plain']:.3f}x (target >= 0.9x); "
-          f"accuracy {result.summary['accuracy']:.3f}")
+          f"accuracy {result.summary['accuracy']:.3f}; judging (math-verify) {result.summary['seconds_judge']:.2f} s "
+          f"of esr's last run")
     print(json.dumps({"tokens": tokens, "seconds": times, "ratio": rate["esr"] / rate["plain"]}))
 
 

@@ -85,6 +85,8 @@ def run_probe(args: argparse.Namespace) -> int:
                        progress=progress)
     for k in result.ks:
         print(f"k={k:4d}  {result.continuer} accuracy {result.accuracy[k]:.3f}  Delta(k) {result.gap[k]:+.3f}")
+    for warning in getattr(result, "warnings", ()):
+        print(f"warning: {warning}")
     print(f"results in {args.out}")
     return 0
 

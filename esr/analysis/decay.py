@@ -23,6 +23,7 @@ and Delta(k) = acc(0) - acc(k) is then the student's own accuracy minus its accu
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,10 @@ from esr.analysis.kl_profile import as_config, load_pair, progress_bar
 from esr.config import Config
 from esr.eval.tasks import EvalItem, Task, make_task
 
+log = logging.getLogger("esr.analysis")
 DEFAULT_KS = (0, 25, 50, 100, 200, 300)
+MAX_CUT_SHARE = 0.1
+"""Above this share of continuations cut by max_new_tokens the accuracies measure the budget, not the teacher."""
 
 
 @dataclass
@@ -58,6 +62,7 @@ class DecayResult:
     problems: int
     n: int
     records: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -86,6 +91,18 @@ def prefix_for(response_ids: Sequence[int], ended: bool, k: int) -> tuple[list[i
     if ended and len(response_ids) <= k:
         return list(response_ids), True
     return list(response_ids[:k]), False
+
+
+def truncation_warning(per_k: Mapping[int, Mapping[str, float]], max_new_tokens: int) -> str | None:
+    """A warning when more than ``MAX_CUT_SHARE`` of some k's continuations hit ``max_new_tokens``: a cut answer is
+    judged on its last number, and the cut share changes with k (a longer prefix leaves less to write), which biases
+    Delta(k). None when every k is below the threshold."""
+    worst = max(per_k, key=lambda k: per_k[k]["cut_share"])
+    if per_k[worst]["cut_share"] <= MAX_CUT_SHARE:
+        return None
+    shares = ", ".join(f"k={k}: {v['cut_share']:.0%}" for k, v in per_k.items())
+    return (f"continuations cut by max_new_tokens={max_new_tokens} ({shares}): accuracies are bounded by the budget "
+            f"and Delta(k) is biased; raise max_new_tokens until the cut shares are near 0")
 
 
 def normalize_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -177,10 +194,13 @@ def decay_probe(
     t0 = time.perf_counter()
     records = judge(task, items, tokenizer, jobs, continued)
     seconds["judge"] = time.perf_counter() - t0
-    accuracy = accuracy_by_k(records)
+    accuracy, per_k = accuracy_by_k(records), per_k_stats(records)
+    if warning := truncation_warning(per_k, max_new_tokens):
+        log.warning(warning)
     return DecayResult(
-        task=task.name, ks=ks, accuracy=accuracy, gap=recoverability_gap(accuracy), per_k=per_k_stats(records),
-        mirror=mirror, prefix_source=roles[0], continuer=roles[1], problems=len(items), n=n, records=records,
+        task=task.name, ks=ks, accuracy=accuracy, gap=recoverability_gap(accuracy), per_k=per_k, mirror=mirror,
+        prefix_source=roles[0], continuer=roles[1], problems=len(items), n=n, records=records,
+        warnings=[warning] if warning else [],
         settings=dict(ks=list(ks), limit=limit, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
                       prefix_temperature=prefix_temperature, seed=seed, batch_size=batch_size, mirror=mirror),
         seconds=seconds,
@@ -225,7 +245,8 @@ def write_decay(result: DecayResult, out_dir: str | Path) -> dict[str, Path]:
                "continuer": result.continuer, "problems": result.problems, "n": result.n, "ks": list(result.ks),
                "accuracy": {str(k): v for k, v in result.accuracy.items()},
                "gap": {str(k): v for k, v in result.gap.items()},
-               "per_k": {str(k): v for k, v in result.per_k.items()}, "settings": result.settings,
+               "per_k": {str(k): v for k, v in result.per_k.items()}, "warnings": result.warnings,
+               "settings": result.settings,
                "seconds": result.seconds,
                "note": "accuracy = avg@n of the continuer from the prefix source's first k tokens; gap Delta(k) = "
                        "acc(0) - acc(k) (> 0: the prefix costs accuracy); a prefix source answer that ended within k "

@@ -114,6 +114,8 @@ def plot_decay(result: DecayResult, path: str | Path) -> Path:
     ks = list(result.ks)
     who = f"{result.continuer} continues {result.prefix_source}'s k-token prefix"
     line_with_band(left, ks, [result.accuracy[k] for k in ks], label=who, color=COLORS["teacher"], marker="o")
+    left.plot(ks, [result.per_k[k]["cut_share"] for k in ks], color=COLORS["cumulative"], linestyle="--",
+              marker=".", label="share cut by max_new_tokens (keep near 0)")
     left.set_ylim(-0.02, 1.02)
     left.set_xlabel("prefix length k (tokens)")
     left.set_ylabel(f"accuracy (avg@{result.n})")

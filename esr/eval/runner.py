@@ -71,22 +71,25 @@ def evaluate(
     sampler = HFSampler(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, temperature=temperature)
     jobs = [(i, s) for i in range(len(kept)) for s in range(n)]
     records: list[dict[str, Any]] = []
-    t0, n_tokens = time.perf_counter(), 0
+    t0, n_tokens, seconds_judge = time.perf_counter(), 0, 0.0
     with _progress(progress) as bar:
         task_id = bar.add_task(f"eval {task.name}", total=len(jobs))
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             rollouts = sampler.sample([tokenized.ids[i] for i, _ in chunk], max_new_tokens,
                                       seed=seed * 1_000_003 + start)
+            t_judge = time.perf_counter()
             for row, (i, s) in enumerate(chunk):
                 ids = rollouts.response_ids_B_R[row, : int(rollouts.lengths_B[row])].tolist()
                 n_tokens += len(ids)
                 records.append(_judge(task, kept[i], s, ids, bool(rollouts.cut_B[row]), tokenizer))
+            seconds_judge += time.perf_counter() - t_judge
             bar.update(task_id, advance=len(chunk))
     seconds = time.perf_counter() - t0
     summary = summarize(task, records, n)
     summary.update(n_problems=len(kept), n_samples=len(records), prompts_dropped=tokenized.n_too_long,
                    temperature=temperature, max_new_tokens=max_new_tokens, seconds=seconds,
+                   seconds_judge=seconds_judge,
                    tokens_per_second=n_tokens / seconds if seconds else 0.0)
     for rec, (i, _) in zip(records, jobs, strict=True):
         rec["prompt"] = render_prompt(tokenizer, kept[i].messages)

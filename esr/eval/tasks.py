@@ -77,9 +77,12 @@ class MathTask:
 
         answer = extract_answer(response, "auto")
         first = extract_answer(response, "boxed_first")
+        correct = is_equivalent(answer, item.reference)
+        # math-verify is the slow part of judging: ask it once when the first box is the answer already checked.
+        first_correct = correct if first == answer else is_equivalent(first, item.reference)
         return Verdict(
-            correct=is_equivalent(answer, item.reference), answer=answer,
-            details={"gold": item.reference, "first_box_correct": is_equivalent(first, item.reference),
+            correct=correct, answer=answer,
+            details={"gold": item.reference, "first_box_correct": first_correct,
                      "boxes": count_boxed(response),
                      "relaxed_correct": relaxed_correct(response, item.reference)},
         )

@@ -82,8 +82,7 @@ class TinyPreset:
     seed: int
     params: int
     description: str
-    tokenizer_from: str = "smollm2-135m-instruct"
-    """The real preset whose tokenizer (only) the tiny model uses."""
+    tokenizer_from: str = "smollm2-135m-instruct"  # the real preset whose tokenizer (only) the tiny model uses
 
 
 def _chunked(module: str, count: int, getter: str) -> tuple[str, ...]:
@@ -167,8 +166,7 @@ TINY: dict[str, TinyPreset] = {
                    tokenizer_from="qwen2.5-coder-0.5b-instruct"),
     )
 }
-TINY_TOKENIZER_FROM = "smollm2-135m-instruct"
-"""The tokenizer of the default tiny presets (tiny-student, tiny-teacher)."""
+TINY_TOKENIZER_FROM = "smollm2-135m-instruct"  # the tokenizer of tiny-student and tiny-teacher
 
 
 class PresetStatus(TypedDict):

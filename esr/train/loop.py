@@ -147,8 +147,7 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
                                 SELECT_SEED + cfg.seed * 1_000_003 + step, scores)
     seconds_select = time.perf_counter() - t0 - s.scorer.seconds  # the student's side of the scoring pass
 
-    # 4. Teacher scoring (unless the scoring pass already ran the teacher) + student loss and backward, micro-batch
-    #    by micro-batch.
+    # 4. Teacher scoring (unless the scoring pass ran it) + student loss and backward, micro-batch by micro-batch.
     loss, kl_sum = 0.0, 0.0
     for a in range(0, len(rollouts), cfg.train.micro_batch_size):
         out = _micro_batch(s, cfg, rollouts, cross, selection, a)

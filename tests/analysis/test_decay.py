@@ -15,6 +15,7 @@ from esr.analysis.decay import (
     prefix_for,
     recoverability_gap,
     run_decay,
+    truncation_warning,
 )
 from esr.config import ConfigError
 from esr.eval.tasks import make_task
@@ -36,6 +37,9 @@ def test_gap_accuracy_prefixes_and_ks_on_hand_data():
     assert prefix_for([5, 6, eos], True, 10) == ([5, 6, eos], True)
     assert prefix_for([5, 6, 7, 8], False, 2) == ([5, 6], False)
     assert prefix_for([5, 6, 7, 8], False, 0) == ([], False)
+    assert truncation_warning({0: {"cut_share": 0.0}, 8: {"cut_share": 0.1}}, 64) is None
+    warning = truncation_warning({0: {"cut_share": 0.625}, 8: {"cut_share": 0.25}}, 64)
+    assert "max_new_tokens=64" in warning and "k=0: 62%" in warning and "k=8: 25%" in warning
     assert normalize_ks((8, 4, 4)) == (0, 4, 8)
     with pytest.raises(ValueError, match=">= 0"):
         normalize_ks((-1, 4))
@@ -115,6 +119,7 @@ def test_run_decay_end_to_end_writes_files(tmp_path):
     assert summary["ks"] == [0, 4, 8] and summary["gap"]["0"] == 0.0
     assert all(0.0 <= v <= 1.0 for v in summary["accuracy"].values())
     assert summary["prefix_source"] == "student" and summary["mirror"] is False
+    assert summary["warnings"] == r.warnings and "max_new_tokens=4" in r.warnings[0]  # tiny models never stop
     lines = (tmp_path / "decay_samples.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 2 * 2 == len(r.records)  # ks x problems x n
     assert (tmp_path / "decay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
