@@ -8,15 +8,11 @@ the B x R x V logits never exist in full. At every response position r of every 
 with p = softmax(logits[..., :vocab_size]) at temperature 1 (the distributions the loss compares), and the top-k
 token ids and probabilities of both models there. Same tokenizer only: the two top-k lists index one vocabulary.
 
-Held-out prompts (``heldout_prompts``): for ``gsm_symbolic`` the run's generator with another seed
-(``HELDOUT_SEED``, or ``data.seed + 1`` when the run trained on that seed), i.e. fresh problems; for file and hub
-sources the LAST prompts of the set that the run's training batches never drew (``batch_indices`` over its
-steps), topped up with the last drawn ones, with a warning, when training visited almost every prompt.
+Held-out prompts (``heldout_prompts``) come from ``esr.data.heldout``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
@@ -31,7 +27,7 @@ import torch
 from torch import nn
 
 from esr.config import Config, load_config
-from esr.data import load_prompts, tokenize_prompts
+from esr.data.heldout import HELDOUT_SEED, HeldOutPrompts, heldout_prompts  # noqa: F401  (re-exported)
 from esr.losses import reverse_kl
 from esr.models import load_model
 from esr.models.forward import head_logits, response_hidden
@@ -39,14 +35,10 @@ from esr.models.load import load_tokenizer
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.sampler import HFSampler
 from esr.train.checkpoint import latest_checkpoint
-from esr.train.session import batch_indices, resolve_device, resolve_dtype, shared_vocab_size, vocabulary_mismatch
+from esr.train.session import resolve_device, resolve_dtype, shared_vocab_size, vocabulary_mismatch
 from esr.types import Rollouts
 
 log = logging.getLogger("esr.analysis")
-
-HELDOUT_SEED = 1_000_003
-"""gsm_symbolic seed of the held-out problems (the same generator seed ``esr eval`` uses, apart from training's)."""
-
 
 class AnalysisError(ValueError):
     """An analysis cannot run as asked (cross-tokenizer pair, no checkpoint, mismatched runs); the message says why."""
@@ -169,37 +161,6 @@ def load_for_analysis(spec: str | Path, cfg: Config) -> tuple[nn.Module, Any]:
 def analysis_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
     """Logit columns both models define (as in training)."""
     return shared_vocab_size(student, teacher, tokenizer)
-
-
-@dataclass(frozen=True)
-class HeldOutPrompts:
-    prompt_ids: tuple[tuple[int, ...], ...]
-    ids: tuple[str, ...]
-    """The prompts' source ids (``gsm_symbolic:<seed>:<index>``, ``<file>:<line>``, ...)."""
-    how: str
-    """How they were chosen, for the report."""
-
-
-def heldout_prompts(cfg: Config, tokenizer: Any, n: int) -> HeldOutPrompts:
-    """``n`` prompts the run did not train on, rendered and tokenised as in training (module docstring)."""
-    data = cfg.data
-    if data.source == "gsm_symbolic":
-        seed = HELDOUT_SEED if data.seed != HELDOUT_SEED else data.seed + 1
-        held = dataclasses.replace(data, seed=seed, size=n, limit=None)
-        tok = tokenize_prompts(load_prompts(held).prompts, tokenizer, data.max_prompt_tokens)
-        how = f"gsm_symbolic generator seed {seed} (training used seed {data.seed}): first {len(tok.ids)} problems"
-        return HeldOutPrompts(tok.ids[:n], tuple(p.id for p in tok.prompts[:n]), how)
-    tok = tokenize_prompts(load_prompts(data).prompts, tokenizer, data.max_prompt_tokens)
-    total = len(tok.ids)
-    drawn = {i for step in range(cfg.train.steps) for i in batch_indices(total, cfg.train.batch_size, step, cfg.seed)}
-    unseen = [i for i in range(total) if i not in drawn]
-    chosen = unseen[-n:]
-    if len(chosen) < n:
-        log.warning("only %d of %d prompts were never drawn in training; adding %d drawn ones", len(unseen), total,
-                    min(n, total) - len(chosen))
-        chosen = sorted(chosen + [i for i in range(total) if i in drawn][-(n - len(chosen)):])
-    how = f"last {len(chosen)} of the {total} prompts of {data.source} never drawn by the run's {cfg.train.steps} steps"
-    return HeldOutPrompts(tuple(tok.ids[i] for i in chosen), tuple(tok.prompts[i].id for i in chosen), how)
 
 
 def sample_rollouts(

@@ -13,7 +13,7 @@ import yaml
 
 from esr.report.fmt import run_color
 
-PHASES = ("generate", "score", "train", "align")
+PHASES = ("generate", "score", "train", "align", "extrapolate")
 """Phases of a step, each timed as ``seconds_<phase>`` and (newer runs) counted as ``flops_<phase>``."""
 
 
@@ -32,6 +32,8 @@ class RunData:
     metrics: list[dict[str, Any]]
     evals: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    extrapolation: list[dict[str, Any]] = field(default_factory=list)
+    """EffOPD events (extrapolate/events.jsonl), one per extrapolation."""
     notes: list[str] = field(default_factory=list)
     """Problems met while reading (torn lines skipped, unreadable files), shown in the report."""
     color: str = "#1f77b4"
@@ -128,6 +130,12 @@ def load_run(path: Path) -> RunData:
     info = _read_mapping(path / "run.json", notes, json.loads)
     run = RunData(path=path, name=path.resolve().name, config=config, info=info, metrics=metrics, notes=notes)
     _load_eval(run)
+    events = path / "extrapolate" / "events.jsonl"
+    if events.is_file():
+        rows, bad = read_jsonl(events)
+        run.extrapolation = [r for r in rows if isinstance(r.get("step"), int)]
+        if bad:
+            run.notes.append(f"skipped {bad} unreadable line{'s' * (bad > 1)} in extrapolate/events.jsonl")
     return run
 
 

@@ -10,7 +10,8 @@ RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", 
               "#17becf")
 """One colour per run (matplotlib's tab10), the same in every plot and table of a report."""
 
-PHASE_COLORS = {"generate": "#4e79a7", "score": "#f28e2b", "train": "#59a14f", "align": "#b07aa1"}
+PHASE_COLORS = {"generate": "#4e79a7", "score": "#f28e2b", "train": "#59a14f", "align": "#b07aa1",
+                "extrapolate": "#e15759"}
 """One colour per phase of a step, for the stacked time bars."""
 
 DASH = "—"

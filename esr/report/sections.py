@@ -24,7 +24,8 @@ def build_document(runs: Sequence[RunData], extra: Sequence[analysis.AnalysisIte
                    subtitle=f"{len(runs)} run{'s' * (len(runs) > 1)} · generated {datetime.now():%Y-%m-%d %H:%M}")
     if not plots.available():
         doc.add(Text("Plots are left out: matplotlib is not installed (pip install matplotlib).", tone="warn"))
-    for section in (runs_section, curves_section, eval_section, time_section, compute_section):
+    for section in (runs_section, curves_section, eval_section, time_section, compute_section,
+                    extrapolation_section):
         section(doc, runs)
     analyses_section(doc, runs, extra)
     return doc
@@ -183,6 +184,22 @@ def compute_section(doc: Document, runs: Sequence[RunData]) -> None:
     doc.add(Table(columns=columns, rows=rows, swatches=[r.color for r in runs]))
     if not flop_phases:
         doc.add(Text("FLOPs were not recorded by these runs (metrics.jsonl without flops_* fields).", tone="muted"))
+
+
+def extrapolation_section(doc: Document, runs: Sequence[RunData]) -> None:
+    """(5b) EffOPD: one row per extrapolation of each run that had them (absent otherwise)."""
+    runs = [r for r in runs if r.extrapolation]
+    if not runs:
+        return
+    doc.add(Heading(2, "Extrapolation (EffOPD)"))
+    rows = [[r.name, num(e["step"]), num(e.get("tries")),
+             ", ".join(f"{a:.3g}" for a in e.get("alphas_accepted", [])) or DASH,
+             num(e.get("score_before")), num(e.get("score_after")), seconds(e.get("seconds"))]
+            for r in runs for e in r.extrapolation]
+    doc.add(Table(columns=["run", "after step", "tries", "accepted alphas", "probe before", "probe after",
+                           "seconds"], rows=rows))
+    doc.add(Text("probe: mean reverse KL on fixed held-out rollouts (or minus eval.metric with "
+                 "optim.extrapolate.probe=eval); lower is better", tone="muted"))
 
 
 def _int(x: float | None) -> int | None:

@@ -16,6 +16,7 @@ ever receives loss.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ class CrossTokenizer:
         self.teacher_prompt_ids = tuple(tuple(p) for p in teacher_prompt_ids)
         self._s_shared = self.vocab_map.student_to_shared.tolist()
         self._t_shared = self.vocab_map.teacher_to_shared.tolist()
+
+    def with_prompts(self, teacher_prompt_ids: Sequence[Sequence[int]]) -> CrossTokenizer:
+        """The same translator for another prompt set (e.g. held-out prompts), sharing the tables and vocabulary map."""
+        other = copy.copy(self)
+        other.teacher_prompt_ids = tuple(tuple(p) for p in teacher_prompt_ids)
+        return other
 
     def response_text(self, response_ids: Sequence[int]) -> str:
         """The text a student response writes (special tokens write nothing; invalid UTF-8 becomes U+FFFD)."""

@@ -5,6 +5,7 @@ Layout of ``<run>/checkpoints/step-NNNNNN/``:
     or model*.safetensors + config.json + tokenizer    (full fine-tuning: ``AutoModelForCausalLM.from_pretrained``)
     trainer_state.pt    optimizer, scheduler and RNG states (tensors and plain data only: loaded weights_only)
     trainer_state.json  step and bookkeeping, human-readable
+    extrapolator.safetensors   theta_base of EffOPD extrapolation (only with optim.extrapolate.enabled)
     config.yaml         the resolved run config
 
 A checkpoint is written into ``step-NNNNNN.tmp-<pid>`` and renamed into place only when complete, so a crash at any
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from esr.config import Config, save_config
@@ -65,8 +66,10 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: Config,
     state: dict[str, Any],
+    extrapolator: Any = None,
 ) -> Path:
-    """Write the checkpoint for ``step`` (the number of completed steps) atomically; return its folder."""
+    """Write the checkpoint for ``step`` (the number of completed steps) atomically; return its folder.
+    ``extrapolator`` (an ``esr.optim.Extrapolator``) adds its theta_base and alpha."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     try:
@@ -87,6 +90,10 @@ def save_checkpoint(
             },
             tmp / "trainer_state.pt",
         )
+        if extrapolator is not None:
+            tensors, plain = extrapolator.state_dict()
+            save_file(tensors, str(tmp / "extrapolator.safetensors"))
+            state = {**state, "extrapolator": plain}
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         save_config(cfg, tmp / "config.yaml")
         _fsync_tree(tmp)
@@ -113,16 +120,24 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extrapolator: Any = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``folder``; return its trainer_state.json."""
+    """Restore weights, optimizer, scheduler, RNG (and the extrapolator's state) from ``folder``; return its
+    trainer_state.json."""
     _load_weights(folder, model)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if extrapolator is not None:
+        if not (folder / "extrapolator.safetensors").is_file() or "extrapolator" not in state:
+            raise CheckpointError(f"{folder} has no extrapolation state (it was written with optim.extrapolate "
+                                  "off); resume it with optim.extrapolate.enabled=false or start a new run")
+        extrapolator.load_state_dict(load_file(folder / "extrapolator.safetensors"), state["extrapolator"])
     blob = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng_cpu"])
     if blob["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng_cuda"])
-    return json.loads((folder / "trainer_state.json").read_text())
+    return state
 
 
 def _load_weights(folder: Path, model: nn.Module) -> None:

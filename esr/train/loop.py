@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -17,11 +18,12 @@ import torch
 
 from esr.config import Config, load_config, save_config
 from esr.losses import needed_scores
+from esr.optim import Extrapolator, make_extrapolator
 from esr.teacher.cross import CrossBatch
 from esr.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from esr.train.cross_step import distill_aligned, distill_span
 from esr.train.evaluation import PeriodicEval
-from esr.train.metrics import MetricsLog, StepMetrics, peak_memory_gb, step_flops
+from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, peak_memory_gb, step_flops, truncate_jsonl
 from esr.train.progress import RunProgress
 from esr.train.scores import (
     SELECT_SEED,
@@ -77,21 +79,27 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     (run_dir / "run.json").write_text(json.dumps(s.info, indent=2))
     log = MetricsLog(run_dir)
     evals = PeriodicEval(cfg, run_dir)
+    # EffOPD (optim.extrapolate): built from the initial weights, before a checkpoint replaces them.
+    extrapolator = make_extrapolator(s, cfg, run_dir) if cfg.optim.extrapolate.enabled else None
+    events_path = run_dir / "extrapolate" / "events.jsonl"
 
     start, ckpt, nonfinite_in_a_row = 0, None, 0
     if resume:
         remove_partial_checkpoints(run_dir)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler)
+            state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator)
             start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         log.truncate_after(start)
         evals.truncate_after(start)
+        truncate_jsonl(events_path, start)
 
     bar = RunProgress(cfg.train.steps, start, enabled=progress)
     for step in range(start, cfg.train.steps):
         metrics = run_step(s, cfg, step)
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
+        if extrapolator is not None and extrapolator.due(step + 1):
+            metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
 
         # Log, show, checkpoint.
         log.write(metrics)
@@ -105,7 +113,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         # An evaluation step always gets a checkpoint, so the best one by eval.metric can be loaded.
         if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps or evals.due(step + 1):
             ckpt = save_checkpoint(run_dir, step + 1, s.student, s.tokenizer, s.optimizer, s.scheduler, cfg,
-                                   {"nonfinite_in_a_row": nonfinite_in_a_row})
+                                   {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator)
         if evals.due(step + 1):
             row = evals.run(step + 1, s.student, s.tokenizer, ckpt)
             log.scalars("eval", step + 1, row)
@@ -176,6 +184,24 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
     )
+
+
+def _extrapolate(
+    extrapolator: Extrapolator, s: Session, step: int, metrics: StepMetrics, events_path: Path, log: MetricsLog,
+    bar: RunProgress,
+) -> StepMetrics:
+    """Run EffOPD's line search after step ``step``, log it to ``extrapolate/events.jsonl``; return the step's
+    metrics with its seconds and FLOPs."""
+    event = extrapolator.extrapolate(step)
+    row = event.as_row()
+    append_jsonl(events_path, row)
+    log.scalars("extrapolate", step, {k: row[k] for k in ("score_before", "score_after", "tries", "accepted",
+                                                         "seconds")})
+    alphas = ", ".join(f"{a:.3g}" for a in event.alphas_accepted) or "none"
+    bar.note(f"extrapolate step {step}: probe {event.score_before:.4f} -> {event.score_after:.4f}, "
+             f"accepted alpha {alphas} of {event.tries} tries ({event.seconds:.1f}s)")
+    return dataclasses.replace(metrics, seconds_extrapolate=event.seconds,
+                               flops_extrapolate=2.0 * s.info["student_params"] * event.probe_tokens)
 
 
 def _flops(s: Session, rollouts: Rollouts, cross: CrossBatch | None, scores: TokenScores | None) -> tuple[float, ...]:

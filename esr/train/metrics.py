@@ -55,6 +55,10 @@ class StepMetrics:
     """Approximate student forward + backward FLOPs, 6 * student_params * prompt + response tokens (``step_flops``).
     Run totals are the sums over metrics.jsonl lines."""
     skipped: bool = False
+    seconds_extrapolate: float = 0.0
+    """EffOPD extrapolation after this step's update (probe calls and jumps; 0 when none ran)."""
+    flops_extrapolate: float = 0.0
+    """Approximate FLOPs of the extrapolation's probe forwards, 2 * student_params * tokens read."""
 
 
 def step_flops(
@@ -97,18 +101,10 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Keep only lines with step <= ``step`` (called on resume from that checkpoint)."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if _line_step(line) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        truncate_jsonl(self.path, step)
 
     def write(self, metrics: StepMetrics) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(asdict(metrics)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, asdict(metrics))
         if self.writer is not None:
             for key, value in asdict(metrics).items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -132,6 +128,25 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it, so a crash loses at most the line being written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the lines of a step log with ``step`` <= ``step`` (and drop a torn last line), atomically."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if _line_step(line) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _line_step(line: str) -> int:

@@ -65,6 +65,9 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
     align = [m.get("seconds_align", 0.0) for m in metrics]  # absent in runs started before esr had it
     if any(align):  # a cross-tokenizer run
         table.add_row("seconds per step: align", f"{sum(align) / len(align):.3f}")
+    extrapolate = [m.get("seconds_extrapolate", 0.0) for m in metrics]
+    if any(extrapolate):
+        table.add_row("seconds extrapolating (EffOPD)", f"{sum(extrapolate):.1f} in total")
     table.add_row("tokens generated per step", f"{mean(metrics, 'tokens_generated'):.0f}")
     scored = sum(m["tokens_scored"] for m in metrics) / max(1, sum(m["tokens_generated"] for m in metrics))
     if scored < 1:
@@ -80,10 +83,11 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
 def compute_summary(metrics: list[dict[str, Any]]) -> str | None:
     """Total approximate FLOPs of the run and each phase's share, e.g. "1.2e+15 FLOPs (gen 10%, score 30%, train
     60%)"; None when no line has them (runs logged before esr counted FLOPs)."""
-    totals = {phase: sum(m.get(f"flops_{phase}", 0.0) for m in metrics) for phase in ("generate", "score", "train")}
+    phases = (("gen", "generate"), ("score", "score"), ("train", "train"), ("extrapolate", "extrapolate"))
+    totals = {phase: sum(m.get(f"flops_{phase}", 0.0) for m in metrics) for _, phase in phases}
     total = sum(totals.values())
     if total <= 0:
         return None
-    shares = ", ".join(f"{name} {100 * totals[phase] / total:.0f}%"
-                       for name, phase in (("gen", "generate"), ("score", "score"), ("train", "train")))
+    shares = ", ".join(f"{name} {100 * totals[phase] / total:.0f}%" for name, phase in phases
+                       if phase != "extrapolate" or totals[phase] > 0)
     return f"{total:.1e} FLOPs ({shares})"

@@ -6,9 +6,7 @@ ids of a chat model's end of turn) into decisions made once, visibly, before any
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import nn
 
 from esr.config import Config, ConfigError
 from esr.data import load_prompts, tokenize_prompts
+from esr.data.order import batch_indices  # noqa: F401  (re-exported: the loop and benchmarks use it here)
 from esr.models import apply_lora, load_model
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.policies import HorizonPolicy, make_policy
@@ -171,18 +170,3 @@ def _make_trainable(student: nn.Module, cfg: Config) -> nn.Module:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     return student
-
-
-def batch_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> Sequence[int]:
-    """Prompt indices of 0-based ``step``: consecutive slices of per-epoch permutations, a pure function of the step."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n_prompts)
-        out.append(_epoch_order(n_prompts, seed, epoch)[i])
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(n_prompts, generator=g).tolist())

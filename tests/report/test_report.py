@@ -187,3 +187,16 @@ def test_flatten_splits_scalars_and_tables() -> None:
     scalars, tables = flatten({"a": 1, "b": {"c": 2}, "rows": [{"x": 1}], "by": {"esr": {"k": 1}, "full": {"k": 2}}})
     assert scalars == [("a", 1), ("b.c", 2)]
     assert tables == [("rows", [{"x": 1}]), ("by", [{"": "esr", "k": 1}, {"": "full", "k": 2}])]
+
+
+def test_extrapolation_events_get_a_table(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    effopd = tmp_path / "run-effopd"
+    train(load_config(SMOKE, ["train.steps=2", "optim.extrapolate.enabled=true"]), effopd, progress=False)
+    _, md_path = write_report([effopd, runs[0]], tmp_path / "x.html")
+    md = md_path.read_text()
+    assert "## Extrapolation (EffOPD)" in md
+    rows = [line for line in md.splitlines() if line.startswith("| run-effopd |") and "probe" not in line]
+    events = [json.loads(line) for line in (effopd / "extrapolate" / "events.jsonl").read_text().splitlines()]
+    extrapolation_rows = [r for r in rows if r.split(" | ")[1] in ("1", "2") and len(r.split(" | ")) == 7]
+    assert len(extrapolation_rows) == len(events) == 2
+    assert table(md, "extrapolate s/step")["run-effopd"]["extrapolate s/step"] != "0.00"

@@ -1,24 +1,15 @@
-"""One frozen dataclass tree for a run, loaded from YAML with dotted overrides.
+"""The run config: one frozen dataclass tree, and the checks that reject contradictory settings.
 
 Config is data: it is validated once at load and never written to at run time. Every field carries an attribute
 docstring (the string under it), which is what a user reads when a key is wrong.
-
-    cfg = load_config("configs/quickstart.yaml", ["train.steps=20", "rollout.horizon=full"])
-
-Unknown keys and bad values raise ``ConfigError`` naming the dotted key and the nearest valid one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Literal
 
 Horizon = Literal["full", "esr", "progressive", "ratio"]
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled"]
@@ -27,6 +18,10 @@ Select = Literal["all", "first-n", "last-n", "middle-n", "random-n", "top-kl-n",
                  "top-teacher-entropy-n", "kl*hs", "ht*hs", "kl*ht*hs"]
 Finetune = Literal["lora", "full"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+ExtrapolateSchedule = Literal["powers-of-two", "every"]
+ExtrapolateProbe = Literal["reverse_kl", "eval"]
+ExtrapolateParams = Literal["attention-mlp", "trainable"]
+OptimizerState = Literal["keep", "reset"]
 
 
 class ConfigError(ValueError):
@@ -157,6 +152,43 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ExtrapolateConfig:
+    enabled: bool = False
+    """EffOPD: after the optimizer step at scheduled steps, jump along the update since the last such step,
+    theta <- theta + alpha (theta - theta_base), while a held-out probe improves (esr/optim/extrapolate.py)."""
+    schedule: ExtrapolateSchedule = "powers-of-two"
+    """`powers-of-two` (steps 1, 2, 4, 8, ..., the paper's) or `every` (every `every` steps)."""
+    every: int = 10
+    """Steps between extrapolations when schedule is `every`."""
+    alpha: float = 2.0
+    """First step size of each extrapolation; after an accepted try alpha <- alpha / (1 + alpha)."""
+    max_tries: int = 5
+    """Tries per extrapolation; the first one that does not improve the probe is rolled back and ends it."""
+    carry_alpha: bool = False
+    """Start each extrapolation at the previous one's last alpha instead of `alpha`."""
+    probe: ExtrapolateProbe = "reverse_kl"
+    """Score deciding acceptance: `reverse_kl` (mean KL(p_s||p_t) on fixed held-out student rollouts; cheap,
+    task-free) or `eval` (the `eval` task's `eval.metric` on `probe_size` problems, higher is better)."""
+    probe_size: int = 8
+    """Held-out prompts (reverse_kl) or problems (eval) in the probe."""
+    probe_tokens: int | None = None
+    """Response tokens of the probe rollouts; None: the run's first horizon (N for ESR)."""
+    min_improvement: float = 0.0
+    """A try is accepted only if it lowers the probe's loss by more than this."""
+    params: ExtrapolateParams = "attention-mlp"
+    """Weights that jump: `attention-mlp` (trainable weights of the decoder's linear layers: the LoRA adapters,
+    or attention and MLP matrices in full fine-tuning; the paper's) or `trainable` (every trained parameter)."""
+    optimizer_state: OptimizerState = "keep"
+    """AdamW moments after an accepted jump: `keep` them (the authors') or `reset` them for the moved weights."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    extrapolate: ExtrapolateConfig = field(default_factory=ExtrapolateConfig)
+    """EffOPD extrapolation along the update direction (off by default)."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = 0
     """Evaluate the student every this many steps on a held-out task (0: never during training)."""
@@ -197,6 +229,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
         _check_consistency(self)
@@ -258,117 +291,10 @@ def _check_consistency(cfg: Config) -> None:
                           f"got {cfg.loss.position_gamma}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Building the tree from nested dicts, with errors that name the key.
-
-
-def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, checking every key and value type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(_unknown_key_message(prefix + str(key), [prefix + n for n in names]))
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(value, hint, prefix + key + ".")
-        else:
-            kwargs[key] = _coerce(value, hint, prefix + key)
-    return cls(**kwargs)
-
-
-def _unknown_key_message(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}"
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``hint``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.4)
-            hint_text = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.{hint_text}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if hint in (float, str) and not isinstance(value, hint):
-        raise ConfigError(f"{key} must be a {hint.__name__}, got {value!r}")
-    return value
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain nested dicts (what `config.yaml` in a run folder holds)."""
-    return dataclasses.asdict(cfg)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings to nested dict ``data`` (values parsed as YAML scalars)."""
-    out = _deep_copy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=20")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
-        node[parts[-1]] = value
-    return out
-
-
-def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults), apply dotted overrides, validate, return the frozen tree."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        data = loaded or {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(data)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    x = cfg.optim.extrapolate
+    if x.every < 1 or x.max_tries < 1 or x.probe_size < 1 or (x.probe_tokens is not None and x.probe_tokens < 1):
+        raise ConfigError("optim.extrapolate.every, .max_tries, .probe_size and .probe_tokens must be at least 1")
+    if not 0.0 < x.alpha < float("inf"):
+        raise ConfigError(f"optim.extrapolate.alpha must be a finite number > 0, got {x.alpha}")
+    if x.min_improvement < 0:
+        raise ConfigError(f"optim.extrapolate.min_improvement must be >= 0, got {x.min_improvement}")
