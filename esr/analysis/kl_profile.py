@@ -315,8 +315,10 @@ def load_pair(cfg: Config, probe: str) -> Pair:
                               s.name, t.name, probe)
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
-    student, tokenizer = load_model(s.name, dtype=dtype, device=device, trust_remote_code=s.trust_remote_code)
-    teacher, _ = load_model(t.name, dtype=dtype, device=device, trust_remote_code=t.trust_remote_code)
+    student, tokenizer = load_model(s.name, dtype=dtype, device=device, trust_remote_code=s.trust_remote_code,
+                                    allow_pickle=s.allow_pickle)
+    teacher, _ = load_model(t.name, dtype=dtype, device=device, trust_remote_code=t.trust_remote_code,
+                            allow_pickle=t.allow_pickle)
     return Pair(student, teacher, tokenizer, shared_vocab_size(student, teacher, tokenizer))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -93,7 +94,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=20")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _parse_yaml(raw, f"override '{item}'") if raw.strip() else ""
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -102,6 +103,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
         node[parts[-1]] = value
     return out
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with its errors as ConfigError. safe_load builds plain data only, so a tag that would make
+    the loader run code (``!!python/object/apply:os.system``) fails to construct; the message says it was refused."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{where} is not valid YAML for esr: {_yaml_problem(e)}. A config is plain data; YAML "
+                          "tags such as !!python/... are refused because loading them would run code") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line ("expected ..., but found ... at line 3, column 7"), for a one-line CLI message."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return " ".join(str(error).split())
+    mark = error.problem_mark
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return ", ".join(part for part in (error.context, error.problem) if part) + at
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
@@ -116,13 +138,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        data = loaded or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                              "save it as UTF-8") from None
+        data = _parse_yaml(text, str(path)) or {}
     data = apply_overrides(data, overrides or [])
     return from_dict(data)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``config.yaml`` atomically (a crash mid-write must not leave a run folder that cannot be resumed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

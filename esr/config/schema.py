@@ -34,6 +34,9 @@ class ModelConfig:
     """A zoo preset (`esr models`), a local folder, or a hub id."""
     trust_remote_code: bool = False
     """Run Python shipped with a hub model. Off unless you trust the model's authors."""
+    allow_pickle: bool = False
+    """Load pickle weights (`pytorch_model.bin`, `.pt`, `.pth`, `.ckpt`) when a folder or hub id has no safetensors.
+    Off because unpickling a file can run code hidden in it; convert such a model to safetensors where you can."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,9 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, fixed cuBLAS workspace) for bit-identical reruns
+    on GPUs, at some speed cost. CPU runs with the same config and seed are identical without it."""
 
 
 @dataclass(frozen=True)

@@ -74,13 +74,23 @@ RowParser = Callable[[Mapping[str, object], str], tuple[list[dict[str, str]], st
 def _text(row: Mapping[str, object], key: str) -> str:
     """The non-blank string field ``key``, or a _Skip naming what is wrong with it."""
     if key not in row:
-        raise _Skip(f"missing field '{key}'")
+        raise _Skip(f"missing field '{key}'{_near_miss(row, key)}")
     value = row[key]
     if not isinstance(value, str):
         raise _Skip(f"field '{key}' is not a string")
     if not value.strip():
         raise _Skip(f"empty field '{key}'")
     return value
+
+
+def _near_miss(row: Mapping[str, object], *keys: str) -> str:
+    """' (found 'quesiton')' when the row has a key that looks like a misspelling of one of ``keys``, else ''.
+    A row with a typo'd field name is skipped like any other; naming the typo turns the count into the fix."""
+    for key in keys:
+        close = difflib.get_close_matches(key, [str(k) for k in row if k not in keys], n=1, cutoff=0.8)
+        if close:
+            return f" (found '{close[0]}')"
+    return ""
 
 
 def _gold(row: Mapping[str, object], key: str, required: bool) -> str | None:
@@ -131,7 +141,7 @@ def _jsonl_row(row: Mapping[str, object], instruction: str) -> tuple[list[dict[s
     elif "prompt" in row:
         messages = [{"role": "user", "content": _text(row, "prompt")}]
     else:
-        raise _Skip("missing field 'prompt' or 'messages'")
+        raise _Skip(f"missing field 'prompt' or 'messages'{_near_miss(row, 'prompt', 'messages')}")
     return messages, _gold(row, "answer", required=False)
 
 

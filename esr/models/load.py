@@ -7,12 +7,15 @@ A spec is resolved in this order:
    whose base model is loaded through this same function and the adapter attached;
 4. anything else is passed to `from_pretrained` as a hub id (safetensors only).
 
-Pickle weights (`pytorch_model.bin`) are refused everywhere: unpickling runs code from the file.
+Pickle weights (`pytorch_model.bin`, `.pt`, `.pth`, `.ckpt`, a PEFT `adapter_model.bin`) are refused unless the
+caller passes `allow_pickle=True` (config: `student.allow_pickle`): unpickling a file can run code hidden in it. Even
+then they go through torch's restricted unpickler (`weights_only=True`), with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +29,8 @@ from esr.models import synthetic, zoo
 
 CausalLM = PreTrainedModel | PeftModel
 """What `load_model` returns: a transformers model, or a PeftModel when the spec is an adapter folder."""
+
+log = logging.getLogger("esr.models")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -42,13 +47,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """Load a model and its tokenizer from a preset name, `random:<preset>`, a local folder or a hub id.
 
     The model comes back in eval mode on `device`; the tokenizer has a pad token (eos when it had none) and pads on
-    the left, which batched generation needs. `trust_remote_code` is passed to transformers and is off by default.
+    the left, which batched generation needs. `trust_remote_code` is passed to transformers and is off by default;
+    `allow_pickle` lets a folder or hub id without safetensors load its pickle weights (off by default).
     """
-    model, tokenizer = _resolve(str(spec), dtype, trust_remote_code)
+    model, tokenizer = _resolve(str(spec), dtype, trust_remote_code, allow_pickle)
     model.to(device)
     model.eval()
     _ready_for_generation(model, tokenizer)
@@ -78,13 +85,15 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def _resolve(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[CausalLM, PreTrainedTokenizerBase]:
+def _resolve(
+    spec: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool = False
+) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     if spec in zoo.TINY:
         model, tokenizer = synthetic.build_tiny(spec)
         return model.to(dtype), tokenizer
     if spec in zoo.PRESETS:
         folder = zoo.prepare(spec, progress=True)
-        model, tokenizer = _from_folder(folder, dtype, trust_remote_code=False)
+        model, tokenizer = _from_folder(folder, dtype, trust_remote_code=False, allow_pickle=False)
         model.name_or_path = model.config.name_or_path = spec  # adapters then record the preset, not a cache path
         return model, tokenizer
     if spec.startswith(zoo.RANDOM_PREFIX):
@@ -95,45 +104,62 @@ def _resolve(spec: str, dtype: torch.dtype, trust_remote_code: bool) -> tuple[Ca
     folder = Path(spec).expanduser()
     if folder.is_dir():
         if (folder / "adapter_config.json").is_file():
-            return _from_adapter(folder, dtype, trust_remote_code)
-        return _from_folder(folder, dtype, trust_remote_code)
+            return _from_adapter(folder, dtype, trust_remote_code, allow_pickle)
+        return _from_folder(folder, dtype, trust_remote_code, allow_pickle)
     _check_hub_id(spec)
+    if allow_pickle:  # which files a hub repo holds is only known once transformers has fetched them
+        log.warning("%r: allow_pickle is on, so pickle weights are loaded if the repo has no safetensors", spec)
     # The config comes first: it is small, so a wrong id or a missing network shows up before any weights move.
     config = _from_hub(spec, lambda: AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code))
     model = _from_hub(spec, lambda: AutoModelForCausalLM.from_pretrained(
-        spec, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        spec, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True, weights_only=True,
     ))
     return model, _from_hub(spec, lambda: AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code))
 
 
 def _from_folder(
-    folder: Path, dtype: torch.dtype, trust_remote_code: bool
+    folder: Path, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """An HF model folder with safetensors weights (a pickle-only folder is refused with the reason)."""
+    """An HF model folder with safetensors weights; a pickle-only folder only with ``allow_pickle``."""
     files = [p.name for p in folder.iterdir()]
-    if not any(name.endswith(".safetensors") for name in files):
+    has_safetensors = any(name.endswith(".safetensors") for name in files)
+    if not has_safetensors:
         pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
-        if pickles:
-            raise ModelSpecError(
-                f"{str(folder)!r} has only pickle weights ({', '.join(sorted(pickles))}); esr loads safetensors only "
-                "because unpickling runs code from the file. Convert it once where you trust the file: "
-                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)")
-        raise ModelSpecError(f"{str(folder)!r} is a folder but holds no model weights (*.safetensors) "
-                             "and no PEFT adapter (adapter_config.json)")
+        if not pickles:
+            raise ModelSpecError(f"{str(folder)!r} is a folder but holds no model weights (*.safetensors) "
+                                 "and no PEFT adapter (adapter_config.json)")
+        _allow_pickle_or_refuse(folder, pickles, allow_pickle)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=has_safetensors, weights_only=True
     )
     return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def _from_adapter(
-    folder: Path, dtype: torch.dtype, trust_remote_code: bool
+    folder: Path, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool = False
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """A PEFT adapter folder: load the base it names (any spec load_model accepts) and attach the adapter."""
-    base, tokenizer = _resolve(_adapter_base(folder), dtype, trust_remote_code)
+    if not (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_model.bin").is_file():
+        _allow_pickle_or_refuse(folder, ["adapter_model.bin"], allow_pickle)  # peft would unpickle it unasked
+    base, tokenizer = _resolve(_adapter_base(folder), dtype, trust_remote_code, allow_pickle)
     if _has_tokenizer(folder):  # a checkpoint may carry its own tokenizer (e.g. with added tokens)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(base, folder), tokenizer
+
+
+def _allow_pickle_or_refuse(folder: Path, pickles: list[str], allow_pickle: bool) -> None:
+    """Pickle weights load only when asked: unpickling a file can run code hidden in it, so a downloaded folder
+    must not get that power silently. Asked, they go through torch's restricted unpickler, and the log says so."""
+    names = ", ".join(sorted(pickles))
+    if not allow_pickle:
+        raise ModelSpecError(
+            f"{str(folder)!r} has only pickle weights ({names}); esr loads safetensors only, because unpickling a "
+            "file can run code hidden in it. Convert it once, where you trust the file: "
+            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder) writes safetensors. "
+            "Or, if you trust its source, set student.allow_pickle=true (teacher.allow_pickle=true for a teacher)")
+    log.warning("loading pickle weights (%s) from %s because allow_pickle is on: torch's restricted unpickler "
+                "(weights_only) is used, but only load pickle files from sources you trust", names, folder)
 
 
 def _adapter_base(folder: Path) -> str:

@@ -1,5 +1,5 @@
 """Training: the loop, one step's loss, checkpoints and metrics."""
 
-from esr.train.loop import NonFiniteLossError, RunFolderError, RunResult, resume, train
+from esr.train.loop import NonFiniteLossError, RunFolderError, RunResult, StepOutOfMemoryError, resume, train
 
-__all__ = ["NonFiniteLossError", "RunFolderError", "RunResult", "resume", "train"]
+__all__ = ["NonFiniteLossError", "RunFolderError", "RunResult", "StepOutOfMemoryError", "resume", "train"]

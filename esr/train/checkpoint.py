@@ -8,14 +8,17 @@ Layout of ``<run>/checkpoints/step-NNNNNN/``:
     extrapolator.safetensors   theta_base of EffOPD extrapolation (only with optim.extrapolate.enabled)
     config.yaml         the resolved run config
 
-A checkpoint is written into ``step-NNNNNN.tmp-<pid>`` and renamed into place only when complete, so a crash at any
-moment leaves either the whole new checkpoint or none of it; a leftover ``.tmp-*`` folder is ignored and removed.
+A checkpoint is written into ``step-NNNNNN.tmp-<pid>``, fsynced, and renamed into place only when complete, so a
+crash at any moment leaves either the whole new checkpoint or none of it; a leftover ``.tmp-*`` folder is ignored and
+removed. Re-saving a step that exists sets the old folder aside as ``.old-<pid>`` until the new one is in place; a
+crash in between leaves the old one, which resume puts back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -50,11 +53,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Delete ``.tmp-*`` folders left by a crash during a checkpoint write."""
+    """Clean up after a crash during a checkpoint write: delete ``.tmp-*`` folders (incomplete), and put back an
+    ``.old-*`` folder (a complete checkpoint set aside while the same step was re-saved) whose step has none."""
     root = run_dir / "checkpoints"
     if root.is_dir():
         for p in root.glob("step-*.tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob("step-*.old-*"):
+            final = p.with_name(p.name.split(".old-")[0])
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
 
 
 def save_checkpoint(
@@ -97,14 +107,19 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         save_config(cfg, tmp / "config.yaml")
         _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. the end of a resumed run): replace it whole
-            shutil.rmtree(final)
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if final.exists():  # re-saving the same step (e.g. the end of a resumed run): set the old one aside first
+            os.replace(final, old)
         os.replace(tmp, final)
-    except OSError as e:
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # OSError, or what torch.save / safetensors make of a failed write (RuntimeError, ...)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from e
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"could not write checkpoint {final}: {why}. Nothing of it was kept; {kept}. "
+                              f"Free disk space (or fix the folder's permissions) and continue with "
+                              f"`esr train --resume {run_dir}`") from e
     return final
 
 
@@ -131,7 +146,13 @@ def load_checkpoint(
             raise CheckpointError(f"{folder} has no extrapolation state (it was written with optim.extrapolate "
                                   "off); resume it with optim.extrapolate.enabled=false or start a new run")
         extrapolator.load_state_dict(load_file(folder / "extrapolator.safetensors"), state["extrapolator"])
-    blob = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+    try:  # weights_only: tensors and plain data only; anything else is refused by torch, never unpickled
+        blob = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(
+            f"{folder / 'trainer_state.pt'} was refused: it holds more than tensors and plain data, or is damaged "
+            f"({_torch_reason(e)}). esr did not write it; resume from an earlier checkpoint (remove {folder}) or "
+            "start a new run") from e
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng_cpu"])
@@ -140,15 +161,30 @@ def load_checkpoint(
     return state
 
 
+def _torch_reason(error: BaseException) -> str:
+    """The informative part of a torch load error, without its advice to retry with weights_only=False: the
+    "size mismatch" or "unsupported GLOBAL" line when there is one, else the first sentence."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    line = next((x for x in lines if x.startswith("size mismatch") or "GLOBAL" in x), lines[0])
+    return line.split(". ")[0][:300]
+
+
 def _load_weights(folder: Path, model: nn.Module) -> None:
     if isinstance(model, PeftModel):
         adapter = folder / "adapter_model.safetensors"
         if not adapter.is_file():
             raise CheckpointError(f"{folder} holds no LoRA adapter, but this run trains LoRA (train.finetune=lora)")
-        result = set_peft_model_state_dict(model, load_file(adapter))
-        bad = [k for k in result.unexpected_keys if "lora_" in k]
+        try:
+            result = set_peft_model_state_dict(model, load_file(adapter))
+        except RuntimeError as e:  # load_state_dict's "size mismatch for ...": another base model or lora.r
+            raise CheckpointError(f"{folder} is an adapter for another model or LoRA setting ({_torch_reason(e)}); "
+                                  "resume with the student and lora.* it was trained with, or start a new run") from e
+        # A LoRA weight the run has but the file lacks (other lora.targets) would silently stay at its init.
+        bad = [k for k in (*result.unexpected_keys, *result.missing_keys) if "lora_" in k]
         if bad:
-            raise CheckpointError(f"{folder} is an adapter for another model: unexpected keys such as {bad[0]}")
+            raise CheckpointError(f"{folder} is an adapter for another model or LoRA setting: its LoRA weights do not "
+                                  f"match this run's (e.g. {bad[0]}); resume with the student and lora.* it was "
+                                  "trained with, or start a new run")
         return
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +43,10 @@ class NonFiniteLossError(RuntimeError):
     """Several consecutive steps had a non-finite loss; the run stops rather than train on garbage."""
 
 
+class StepOutOfMemoryError(RuntimeError):
+    """A training step ran out of memory; the message names the settings that lower a step's peak memory."""
+
+
 class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked (exists without --resume, or has no config to resume)."""
 
@@ -72,11 +77,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     if not resume and (run_dir / "config.yaml").exists():
         raise RunFolderError(f"{run_dir} already holds a run: continue it with `esr train --resume {run_dir}`"
                              " or choose another --out")
+    if cfg.train.deterministic:
+        _use_deterministic_algorithms()
     s = build_session(cfg)  # before the folder exists: a config the session rejects leaves nothing behind
     check_selection_supported(cfg.loss, cross_tokenizer=s.cross is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "run.json").write_text(json.dumps(s.info, indent=2))
+    tmp = run_dir / f".run.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(s.info, indent=2))
+    os.replace(tmp, run_dir / "run.json")
     log = MetricsLog(run_dir)
     evals = PeriodicEval(cfg, run_dir)
     # EffOPD (optim.extrapolate): built from the initial weights, before a checkpoint replaces them.
@@ -96,10 +105,16 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
 
     bar = RunProgress(cfg.train.steps, start, enabled=progress)
     for step in range(start, cfg.train.steps):
-        metrics = run_step(s, cfg, step)
+        try:
+            metrics = run_step(s, cfg, step)
+            if extrapolator is not None and extrapolator.due(step + 1):
+                metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
+        except (RuntimeError, MemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            bar.close()
+            raise StepOutOfMemoryError(_out_of_memory_message(cfg, step + 1, s.device, run_dir)) from e
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
-        if extrapolator is not None and extrapolator.due(step + 1):
-            metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
 
         # Log, show, checkpoint.
         log.write(metrics)
@@ -121,6 +136,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     bar.close()
     log.close()
     return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
+
+
+def _use_deterministic_algorithms() -> None:
+    """Bit-identical reruns on GPUs too: deterministic kernels (errors on ops that have none) and a fixed cuBLAS
+    workspace. CPU runs are deterministic without this (same threads, same shapes)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
@@ -183,6 +206,26 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
         seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
+    )
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    text = str(e).lower()
+    return (isinstance(e, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text)
+
+
+def _out_of_memory_message(cfg: Config, step: int, device: torch.device, run_dir: Path) -> str:
+    r, t = cfg.rollout, cfg.train
+    horizon = f"rollout.n={r.n}" if r.horizon == "esr" else f"rollout.max_new_tokens={r.max_new_tokens}"
+    return (
+        f"out of memory in step {step} on {device}. Lower what a step holds at once: train.micro_batch_size "
+        f"(now {t.micro_batch_size}; the loss does not depend on it), loss.chunk_size (now {cfg.loss.chunk_size}), "
+        f"rollout.batch_size (sequences generated together, now {r.batch_size or 'the whole batch'}), the horizon "
+        f"({horizon}), or set train.gradient_checkpointing=true"
+        + (" or train.finetune=lora" if t.finetune == "full" else "")
+        + f". Checkpoints already written are intact: continue with `esr train --resume {run_dir}`."
     )
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from esr.config import Config, ConfigError
-from esr.data import load_prompts, tokenize_prompts
+from esr.data import has_chat_template, load_prompts, tokenize_prompts
 from esr.data.order import batch_indices  # noqa: F401  (re-exported: the loop and benchmarks use it here)
 from esr.models import apply_lora, load_model
 from esr.rollout.eos import eos_token_ids
@@ -96,15 +96,34 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) ->
     return v
 
 
+def prompt_budget(cfg: Config, *models: nn.Module) -> int:
+    """Most prompt tokens a run takes: ``data.max_prompt_tokens``, lowered so that a prompt plus
+    ``rollout.max_new_tokens`` fits every model's context window. Positions past it were never trained (or do not
+    exist, with learned position embeddings), so such prompts are dropped and counted like any too-long prompt."""
+    budget = cfg.data.max_prompt_tokens
+    windows = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+    window = min((w for w in windows if isinstance(w, int)), default=None)
+    if window is None:
+        return budget
+    room = window - cfg.rollout.max_new_tokens
+    if room < 1:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+                          f"models' context window of {window} tokens; lower rollout.max_new_tokens")
+    if room < budget:
+        log.warning("prompts are capped at %d tokens (context window %d - rollout.max_new_tokens %d), below "
+                    "data.max_prompt_tokens=%d", room, window, cfg.rollout.max_new_tokens, budget)
+    return min(budget, room)
+
+
 def build_session(cfg: Config) -> Session:
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
-    student, tokenizer = load_model(
-        cfg.student.name, dtype=dtype, device=device, trust_remote_code=cfg.student.trust_remote_code
-    )
-    teacher, teacher_tok = load_model(
-        cfg.teacher.name, dtype=dtype, device=device, trust_remote_code=cfg.teacher.trust_remote_code
-    )
+    student, tokenizer = load_model(cfg.student.name, dtype=dtype, device=device,
+                                    trust_remote_code=cfg.student.trust_remote_code,
+                                    allow_pickle=cfg.student.allow_pickle)
+    teacher, teacher_tok = load_model(cfg.teacher.name, dtype=dtype, device=device,
+                                      trust_remote_code=cfg.teacher.trust_remote_code,
+                                      allow_pickle=cfg.teacher.allow_pickle)
     cross_mode = cfg.loss.cross_tokenizer if vocabulary_mismatch(tokenizer, teacher_tok) else None
     if cross_mode is None:
         if cfg.loss.cross_tokenizer is not None:
@@ -117,8 +136,12 @@ def build_session(cfg: Config) -> Session:
     eos_ids = eos_token_ids(tokenizer, student)
     pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
 
+    if not has_chat_template(tokenizer):
+        log.warning("student '%s' has no chat template: prompts use the plain 'Question: ... Answer:' template, "
+                    "which suits a base model; a chat model that lost its template would be trained off-format",
+                    cfg.student.name)
     prompt_set = load_prompts(cfg.data)
-    tokenized = tokenize_prompts(prompt_set.prompts, tokenizer, cfg.data.max_prompt_tokens)
+    tokenized = tokenize_prompts(prompt_set.prompts, tokenizer, prompt_budget(cfg, student, teacher))
     cross = None
     if cross_mode is not None:
         for warning in template_warnings(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name):

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from esr.analysis.rollout_scores import score_rollouts
 from esr.config import load_config
 from esr.optim.probe import build_kl_probe, load_rollouts, probe_prompts
-from esr.train import resume, train
 from esr.train import loop as loop_module
+from esr.train import resume, train
 from esr.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from esr.train.session import build_session
 
