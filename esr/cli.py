@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--trust-remote-code", action="store_true", help="run Python shipped with a hub model")
+    g.add_argument("--allow-pickle", action="store_true", help="load pickle weights (.bin/.pt): they can run code")
 
     e = verbs.add_parser("eval", help="evaluate a model, checkpoint or every checkpoint of a run on a task")
     e.add_argument("model", help="zoo preset, folder, checkpoint, hub id, or a run folder (all its checkpoints)")
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", type=Path, help="results folder (default eval/<model>-<task>, or RUN/eval/<task>)")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--trust-remote-code", action="store_true", help="run Python shipped with a hub model")
+    e.add_argument("--allow-pickle", action="store_true", help="load pickle weights (.bin/.pt): they can run code")
 
     add_diagnostic_parsers(verbs)
 
@@ -137,7 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     texts = generate_text(
         args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, trust_remote_code=args.trust_remote_code,
+        seed=args.seed, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
     )
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"### {prompt}\n{text}\n")
@@ -161,7 +164,7 @@ def _eval(args: argparse.Namespace) -> int:
                        else Path("eval") / f"{Path(args.model).name}-{safe_task}")
     rows = []
     for label, spec in targets:
-        model, tokenizer = load_model(spec)
+        model, tokenizer = load_model(spec, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         result = evaluate(model, tokenizer, task, n=args.n, temperature=args.temperature, limit=args.limit,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                           out_dir=out / label if is_run else out, progress=not args.no_progress)

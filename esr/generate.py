@@ -22,9 +22,10 @@ def generate_text(
     top_p: float = 1.0,
     seed: int = 0,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> list[str]:
     """One answer per user message; temperature 0 is greedy. Chat templates are applied as in training."""
-    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     rows = [Prompt(id=str(i), messages=({"role": "user", "content": p},), answer=None) for i, p in enumerate(prompts)]
     ids = tokenize_prompts(rows, tokenizer, max_tokens=10**9).ids
     pad = tokenizer.pad_token_id  # load_model guarantees one

@@ -157,7 +157,8 @@ def _allow_pickle_or_refuse(folder: Path, pickles: list[str], allow_pickle: bool
             f"{str(folder)!r} has only pickle weights ({names}); esr loads safetensors only, because unpickling a "
             "file can run code hidden in it. Convert it once, where you trust the file: "
             "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder) writes safetensors. "
-            "Or, if you trust its source, set student.allow_pickle=true (teacher.allow_pickle=true for a teacher)")
+            "Or, if you trust its source, set student.allow_pickle=true (teacher.allow_pickle=true for a teacher;"
+            " --allow-pickle with esr generate and esr eval)")
     log.warning("loading pickle weights (%s) from %s because allow_pickle is on: torch's restricted unpickler "
                 "(weights_only) is used, but only load pickle files from sources you trust", names, folder)
 

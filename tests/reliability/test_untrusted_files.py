@@ -140,3 +140,12 @@ def test_trainer_state_with_a_pickled_object_is_refused_not_run(tmp_path, capsys
     assert f"{state} was refused: it holds more than tensors and plain data" in err
     assert "unsupported GLOBAL posix.mkdir" in err and "start a new run" in err and "weights_only=False" not in err
     assert not marker.exists()
+
+
+def test_cli_generate_needs_allow_pickle_for_pickle_weights(tmp_path, capsys):
+    _, folder = _pickle_folder(tmp_path / "legacy")
+    err = _cli_error(capsys, ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert "--allow-pickle" in err
+    args = ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2", "--allow-pickle"]
+    assert main(args) == 0
+    assert "### hi" in capsys.readouterr().out
