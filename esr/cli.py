@@ -9,6 +9,7 @@ from pathlib import Path
 
 from esr.cli_diagnostics import add_parsers as add_diagnostic_parsers
 from esr.cli_diagnostics import run_analysis, run_probe
+from esr.cli_serve import add_serve_parser, run_serve
 
 EXAMPLES = """examples:
   esr train configs/quickstart.yaml                       # ESR (N=100) distillation, Qwen 0.5B <- 1.5B, on CPU
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-pickle", action="store_true", help="load pickle weights (.bin/.pt): they can run code")
 
     add_diagnostic_parsers(verbs)
+    add_serve_parser(verbs)
 
     r = verbs.add_parser("report", help="compare run folders in one HTML page and a markdown twin",
                          epilog="example:\n  esr report runs/esr-100 runs/full-400 --out reports/esr-vs-full.html",
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         verbs = {"train": _train, "generate": _generate, "eval": _eval, "probe": run_probe, "analyze": run_analysis,
-                 "report": _report, "models": _models}
+                 "report": _report, "models": _models, "serve-teacher": run_serve}
         return verbs[args.verb](args)
     except USER_ERRORS as e:
         if args.verbose:
