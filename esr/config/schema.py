@@ -297,7 +297,10 @@ def _check_consistency(cfg: Config) -> None:
                           f"got {cfg.loss.position_gamma}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-    x = cfg.optim.extrapolate
+    _check_extrapolate(cfg.optim.extrapolate)
+
+
+def _check_extrapolate(x: ExtrapolateConfig) -> None:
     if x.every < 1 or x.max_tries < 1 or x.probe_size < 1 or (x.probe_tokens is not None and x.probe_tokens < 1):
         raise ConfigError("optim.extrapolate.every, .max_tries, .probe_size and .probe_tokens must be at least 1")
     if not 0.0 < x.alpha < float("inf"):

@@ -10,6 +10,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -105,15 +107,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
 
     bar = RunProgress(cfg.train.steps, start, enabled=progress)
     for step in range(start, cfg.train.steps):
-        try:
+        with _explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar):
             metrics = run_step(s, cfg, step)
             if extrapolator is not None and extrapolator.due(step + 1):
                 metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
-        except (RuntimeError, MemoryError) as e:
-            if not _out_of_memory(e):
-                raise
-            bar.close()
-            raise StepOutOfMemoryError(_out_of_memory_message(cfg, step + 1, s.device, run_dir)) from e
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
 
         # Log, show, checkpoint.
@@ -209,24 +206,29 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     )
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
-    text = str(e).lower()
-    return (isinstance(e, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text
-            or "out of memory" in text)
-
-
-def _out_of_memory_message(cfg: Config, step: int, device: torch.device, run_dir: Path) -> str:
-    r, t = cfg.rollout, cfg.train
-    horizon = f"rollout.n={r.n}" if r.horizon == "esr" else f"rollout.max_new_tokens={r.max_new_tokens}"
-    return (
-        f"out of memory in step {step} on {device}. Lower what a step holds at once: train.micro_batch_size "
-        f"(now {t.micro_batch_size}; the loss does not depend on it), loss.chunk_size (now {cfg.loss.chunk_size}), "
-        f"rollout.batch_size (sequences generated together, now {r.batch_size or 'the whole batch'}), the horizon "
-        f"({horizon}), or set train.gradient_checkpointing=true"
-        + (" or train.finetune=lora" if t.finetune == "full" else "")
-        + f". Checkpoints already written are intact: continue with `esr train --resume {run_dir}`."
-    )
+@contextmanager
+def _explain_out_of_memory(cfg: Config, step: int, device: torch.device, run_dir: Path,
+                           bar: RunProgress) -> Iterator[None]:
+    """Turn an out-of-memory inside a step (CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
+    RuntimeError) into a StepOutOfMemoryError that names the settings lowering a step's peak."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        text = str(e).lower()
+        if not (isinstance(e, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text
+                or "out of memory" in text):
+            raise
+        bar.close()
+        r, t = cfg.rollout, cfg.train
+        horizon = f"rollout.n={r.n}" if r.horizon == "esr" else f"rollout.max_new_tokens={r.max_new_tokens}"
+        raise StepOutOfMemoryError(
+            f"out of memory in step {step} on {device}. Lower what a step holds at once: train.micro_batch_size "
+            f"(now {t.micro_batch_size}; the loss does not depend on it), loss.chunk_size (now "
+            f"{cfg.loss.chunk_size}), rollout.batch_size (sequences generated together, now "
+            f"{r.batch_size or 'the whole batch'}), the horizon ({horizon}), or set train.gradient_checkpointing=true"
+            + (" or train.finetune=lora" if t.finetune == "full" else "")
+            + f". Checkpoints already written are intact: continue with `esr train --resume {run_dir}`."
+        ) from e
 
 
 def _extrapolate(
