@@ -171,10 +171,7 @@ def kl_probe(session: Any, cfg: Config, held: HeldOutPrompts, rollouts: Rollouts
         mask_B_R, vocab_map = mask_B_R & cross.exact_B_R, s.cross.vocab_map
         for a in range(0, len(rollouts), mb):
             part = rollouts.slice(a, a + mb)
-            c = cross.slice(a, a + mb, part.response_mask_B_R.shape[1])
-            t_hidden = s.scorer.score(c.teacher)
-            index = c.pair_B_R.clamp(min=0).to(t_hidden.device).unsqueeze(-1).expand(-1, -1, t_hidden.shape[-1])
-            hidden.append(t_hidden.gather(1, index))
+            hidden.append(s.scorer.score_aligned(cross.slice(a, a + mb, part.response_mask_B_R.shape[1])))
     return KLProbe(s.student, s.teacher, rollouts, hidden, mask_B_R, vocab_size=s.vocab_size,
                    teacher_vocab_size=s.scorer.vocab_size, chunk_size=cfg.loss.chunk_size, micro_batch_size=mb,
                    vocab_map=vocab_map)

@@ -9,12 +9,16 @@ temperature the student sampled at.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from esr.models.forward import head_logits, response_hidden
 from esr.types import Rollouts
+
+if TYPE_CHECKING:
+    from esr.teacher.cross import CrossBatch
 
 
 class TeacherScorer:
@@ -34,6 +38,15 @@ class TeacherScorer:
         hidden = response_hidden(self.model, rollouts)
         self.seconds += time.perf_counter() - t0
         return hidden
+
+    @torch.no_grad()
+    def score_aligned(self, cross: CrossBatch) -> torch.Tensor:
+        """Across tokenizers: the teacher's hidden states of ``cross.teacher``, moved to the student's positions
+        (B, R, H); row r holds the state at the teacher position paired with student position r (``pair_B_R``;
+        unpaired positions get position 0's, which no loss reads)."""
+        hidden_B_Rt_H = self.score(cross.teacher)
+        index_B_R = cross.pair_B_R.clamp(min=0).to(hidden_B_Rt_H.device)
+        return hidden_B_Rt_H.gather(1, index_B_R.unsqueeze(-1).expand(-1, -1, hidden_B_Rt_H.shape[-1]))
 
     @torch.no_grad()
     def logits(self, hidden_B_T_H: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,7 @@ def distill_aligned(
 ) -> MicroBatchResult:
     """``aligned-exact``: divergence on the shared vocabulary at exact 1:1 positions (``select_B_R`` & exact),
     each weighted by ``weight_B_R`` when given (as in ``distill_micro_batch``)."""
-    teacher_hidden_B_Rt_H = scorer.score(cross.teacher)
-    index_B_R = cross.pair_B_R.clamp(min=0).to(teacher_hidden_B_Rt_H.device)
-    index_B_R_H = index_B_R.unsqueeze(-1).expand(-1, -1, teacher_hidden_B_Rt_H.shape[-1])
-    teacher_hidden_B_R_H = teacher_hidden_B_Rt_H.gather(1, index_B_R_H)
+    teacher_hidden_B_R_H = scorer.score_aligned(cross)
     return distill_micro_batch(
         student, scorer, rollouts, select_B_R & cross.exact_B_R, n_total, cfg, vocab_size,
         weight_B_R=weight_B_R, teacher_hidden_B_R_H=teacher_hidden_B_R_H, vocab_map=vocab_map,
