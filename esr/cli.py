@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from esr.config import load_config
     from esr.train import resume, train
+    from esr.train.distributed import is_main
     from esr.train.progress import console, summary_table
 
     if args.resume is not None:
@@ -127,13 +128,15 @@ def _train(args: argparse.Namespace) -> int:
 
         run_dir = args.out or default_run_dir(cfg)
         call = lambda: train(cfg, run_dir, progress=not args.no_progress)
-    console.print(f"run folder: {run_dir}")
+    if is_main():  # several processes (torchrun, accelerate launch): rank 0 speaks for the run
+        console.print(f"run folder: {run_dir}")
     try:
         result = call()
     except KeyboardInterrupt:
         console.print(f"interrupted; continue with: esr train --resume {run_dir}")
         return 130
-    console.print(summary_table(result.metrics, result.run_dir))
+    if is_main():
+        console.print(summary_table(result.metrics, result.run_dir))
     return 0
 
 

@@ -250,6 +250,9 @@ def kl_profile_session(session: Any, **kwargs: Any) -> KLProfile:
     if session.cross is not None:
         raise ConfigError("kl-profile needs a shared vocabulary: it compares student and teacher token by token in one "
                           "id space, and this session's teacher has another tokenizer (loss.cross_tokenizer is set)")
+    if session.teacher is None:
+        raise ConfigError("kl-profile computes the exact KL from the teacher's logits, and this config's teacher is a "
+                          "server (teacher.url), which returns sampled-token log-probs only: drop teacher.url")
     return kl_profile(session.student, session.teacher, session.tokenizer, session.prompt_ids,
                       vocab_size=session.vocab_size, **kwargs)
 

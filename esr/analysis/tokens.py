@@ -41,7 +41,7 @@ from esr.analysis.rollout_scores import (
     sample_rollouts,
     score_rollouts,
 )
-from esr.config import Config, ModelConfig
+from esr.config import Config, ModelConfig, TeacherConfig
 
 CATEGORIES = ("planning", "structural", "number", "operator", "latex", "special", "continuation")
 PLANNING_WORDS = frozenset({
@@ -165,7 +165,7 @@ def resolve_target(spec_or_run_dir: str | Path, teacher: str | None, checkpoint:
         cfg, student = Config(), str(spec_or_run_dir)
         cfg = dataclasses.replace(cfg, student=ModelConfig(name=student))
     if teacher is not None:
-        cfg = dataclasses.replace(cfg, teacher=ModelConfig(name=teacher))
+        cfg = dataclasses.replace(cfg, teacher=TeacherConfig(name=teacher))
     return student, cfg
 
 

@@ -20,11 +20,12 @@ from esr.config.schema import (
     OptimConfig,
     RolloutConfig,
     Select,
+    TeacherConfig,
     TrainConfig,
 )
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "LoraConfig", "LossConfig",
-    "ModelConfig", "OptimConfig", "RolloutConfig", "Select", "TrainConfig", "apply_overrides", "from_dict",
-    "load_config", "save_config", "to_dict",
+    "ModelConfig", "OptimConfig", "RolloutConfig", "Select", "TeacherConfig", "TrainConfig", "apply_overrides",
+    "from_dict", "load_config", "save_config", "to_dict",
 ]

@@ -40,6 +40,30 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    """The teacher: a model loaded locally (``name``), or a server that scores tokens (``url``; then ``name`` is only
+    what the messages suggest serving). The remote fields mean nothing for the student, so they live here."""
+
+    url: str | None = None
+    """http(s) URL of a teacher server (`esr serve-teacher MODEL`, or `vllm serve` with dialect openai), e.g.
+    `http://10.0.0.5:8000`. Set: the teacher is not loaded locally and only `loss.kind=sampled` works (the server
+    returns log p_t of the sampled tokens, not the distribution). No credentials in it: see `token_env`."""
+    dialect: Literal["esr", "openai"] = "esr"
+    """`esr` (esr's /v1/score) or `openai` (vLLM's /v1/completions with prompt_logprobs)."""
+    model: str | None = None
+    """The served model's name sent in openai-dialect requests (vLLM wants it); None: the server's first model."""
+    token_env: str | None = None
+    """Name of the environment variable holding the server's bearer token (never the token itself). None:
+    ESR_TEACHER_TOKEN when it is set, else no token (as `esr serve-teacher` does)."""
+    timeout_s: float = 120.0
+    """Seconds a request may wait for the server's answer before the step fails (not retried)."""
+    retries: int = 4
+    """Retries of a request after a connection error, a 5xx or a 429, with exponential backoff."""
+    max_batch_sequences: int = 16
+    """Sequences per HTTP request (a step's batch is sent in several requests when larger)."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "gsm_symbolic"
     """`gsm_symbolic` (offline generator), `gsm8k`, `math`, `jsonl` (prompt or messages rows), or `hf:<dataset>`."""
@@ -227,8 +251,8 @@ class Config:
     """Seed of sampling, data order and initialisation."""
     student: ModelConfig = field(default_factory=ModelConfig)
     """The model being trained."""
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct"))
-    """The model whose distribution the student is pulled toward."""
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="qwen2.5-coder-1.5b-instruct"))
+    """The model whose distribution the student is pulled toward (local, or a server with `teacher.url`)."""
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -298,6 +322,8 @@ def _check_consistency(cfg: Config) -> None:
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     _check_extrapolate(cfg.optim.extrapolate)
+    if getattr(cfg.teacher, "url", None) is not None:  # a plain ModelConfig (built in code) is a local teacher
+        _check_remote_teacher(cfg)
 
 
 def _check_extrapolate(x: ExtrapolateConfig) -> None:
@@ -307,3 +333,45 @@ def _check_extrapolate(x: ExtrapolateConfig) -> None:
         raise ConfigError(f"optim.extrapolate.alpha must be a finite number > 0, got {x.alpha}")
     if x.min_improvement < 0:
         raise ConfigError(f"optim.extrapolate.min_improvement must be >= 0, got {x.min_improvement}")
+
+
+TEACHER_SCORE_SELECTORS = ("top-kl-n", "top-teacher-entropy-n", "kl*hs", "ht*hs", "kl*ht*hs")
+"""`loss.select` values that rank tokens by the teacher's distribution (KL or H(p_t); ``esr.losses.needed_scores``
+names "kl" or "ht" for exactly these): a remote teacher, which returns log p_t of sampled tokens only, cannot."""
+
+
+def _check_remote_teacher(cfg: Config) -> None:
+    """With ``teacher.url`` only what needs log p_t of the sampled tokens can run (esr/train/remote_teacher.py)."""
+    tc, loss = cfg.teacher, cfg.loss
+    url = tc.url or ""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(f"teacher.url={url!r} is not an http(s) URL: write it like http://HOST:8000")
+    if "@" in host:
+        raise ConfigError("teacher.url must not hold credentials (user:password@): they would be written to the run's "
+                          "config.yaml. Put the bearer token in an environment variable and name it in "
+                          "teacher.token_env")
+    if tc.token_env is not None and (not tc.token_env.isidentifier() or not tc.token_env.isascii()):
+        raise ConfigError(f"teacher.token_env must name an environment variable (like ESR_TEACHER_TOKEN), not "
+                          f"hold the token itself; got a value that is not a variable name ({len(tc.token_env)} chars)")
+    if not 0.0 < tc.timeout_s < float("inf") or tc.retries < 0 or tc.max_batch_sequences < 1:
+        raise ConfigError("teacher.timeout_s must be a finite number > 0, teacher.retries >= 0 and teacher."
+                          f"max_batch_sequences >= 1; got {tc.timeout_s}, {tc.retries}, {tc.max_batch_sequences}")
+    why = "a remote teacher (teacher.url) returns only log p_t of the sampled tokens"
+    local = "or drop teacher.url to load the teacher locally"
+    if loss.kind != "sampled":
+        raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
+                          f"loss.kind=sampled (the policy-gradient estimator of reverse KL), {local}")
+    if loss.select in TEACHER_SCORE_SELECTORS:
+        raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
+                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {local}")
+    if loss.cross_tokenizer is not None:
+        raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer} needs the teacher's tokenizer and hidden "
+                          f"states here, but {why}: serve a teacher that shares the student's tokenizer and unset "
+                          f"loss.cross_tokenizer, {local}")
+    x = cfg.optim.extrapolate
+    if x.enabled and x.probe == "reverse_kl":
+        raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
+                          f"{why}: set optim.extrapolate.probe=eval (an eval.task metric), "
+                          f"optim.extrapolate.enabled=false, {local}")

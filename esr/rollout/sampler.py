@@ -1,8 +1,30 @@
-"""Batched student sampling with a KV cache (Hugging Face ``generate``), seeded per step.
+"""Batched student sampling with a KV cache (Hugging Face ``generate``), seeded per step AND per row.
 
 On-policy distillation needs samples from the student's own (tempered) distribution, so the sampler builds its own
 ``GenerationConfig`` instead of inheriting a model's defaults: a hub model's ``top_k=20`` or
 ``repetition_penalty=1.1`` would silently make the rollouts off-policy.
+
+Per-row randomness. ``generate`` runs greedy (``do_sample=False``); its last logits processor, ``RowSampling``,
+draws row b's token itself and leaves only that token finite, so greedy's argmax takes it. At each step t,
+with s_b = top_p(logits_b / T) (HF's warpers) and p_b = softmax(s_b) over the V tokens:
+
+    u_{b,t} = the t-th uniform in [0, 1) of a CPU torch.Generator seeded by row_seed(seed, row_id[b])
+    token   = min{v : C_b[v] > u_{b,t} * C_b[V-1]},   C_b = cumsum(p_b) in float64       (inverse CDF)
+
+an exact sample of p_b (a token of probability 0 is never drawn). A row's tokens are thus a function of (seed, its
+row id, its prompt) alone: not of which other rows share its batch or where it sits in it, since every operation
+is per row (softmax, sort and cumsum along a row; IEEE-exact elementwise division). A process holding a shard of a
+step's batch samples what one process sampling the whole batch samples for those rows (``esr.train.distributed``),
+up to floating rounding of the logits themselves, which could move a boundary past u only in a near-tie
+(``pad_to`` gives a shard's rows the same left padding as the whole batch's, so the model sees the same inputs).
+The CPU generators make the draws the same on every device.
+
+Why not Gumbel-max (argmax s_b + g, g = -log(-log u))? It needs V uniforms and two logs per row and step; for
+B = 16 rows of a 152k vocabulary that measured ~3-15x the cost of this inverse CDF on this 2-core CPU (both exact),
+and the logs are not correctly rounded, so SIMD vs scalar code paths could differ in the last bit between batches.
+
+HF's own processors run before ``RowSampling``: ``min_new_tokens`` sets EOS to -inf (probability 0 here), and EOS
+and padding after a row's end are greedy's. Temperature 0 is plain greedy decoding (no processor, no draws).
 """
 
 from __future__ import annotations
@@ -11,14 +33,17 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from esr.types import Rollouts
 
 
 class Sampler(Protocol):
-    def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int) -> Rollouts:
-        """Sample one response per prompt, at most ``max_new_tokens`` tokens, stopping each row at EOS."""
+    def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int,
+               row_ids: Sequence[int] | None = None, pad_to: int = 0) -> Rollouts:
+        """Sample one response per prompt, at most ``max_new_tokens`` tokens, stopping each row at EOS; row b's
+        randomness is keyed by ``(seed, row_ids[b])`` (default b)."""
         ...
 
 
@@ -62,6 +87,39 @@ def build_rollouts(
     )
 
 
+def row_seed(seed: int, row_id: int) -> int:
+    """The seed of row ``row_id``'s stream in a call seeded ``seed``: a 64-bit mix (splitmix-style), so nearby
+    (seed, row) pairs get unrelated streams. In [0, 2**63), as torch.Generator.manual_seed wants."""
+    x = (seed * 0x9E3779B97F4A7C15 + row_id * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) % (1 << 64)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (x ^ (x >> 31)) >> 1
+
+
+class RowSampling(LogitsProcessor):
+    """Temperature, top-p, then one inverse-CDF draw per row from that row's own stream (module docstring).
+
+    ``__call__`` maps scores (B, V) to (B, V): 0 at each row's drawn token, -inf elsewhere, so greedy's argmax is
+    the draw. Rows are matched to ``row_ids`` by position: (B,) must equal len(row_ids) at every step.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int, row_ids: Sequence[int]) -> None:
+        self.warpers = LogitsProcessorList(
+            ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+            + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+        self.generators = [torch.Generator().manual_seed(row_seed(seed, r)) for r in row_ids]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        s_B_V = self.warpers(input_ids, scores.float())
+        if s_B_V.shape[0] != len(self.generators):
+            raise ValueError(f"RowSampling got {s_B_V.shape[0]} rows for {len(self.generators)} row streams")
+        cdf_B_V = torch.softmax(s_B_V, dim=-1).double().cumsum(dim=-1)
+        u_B1 = torch.stack([torch.rand((1,), generator=g, dtype=torch.float64) for g in self.generators])
+        x_B1 = u_B1.to(cdf_B_V.device) * cdf_B_V[:, -1:]
+        token_B1 = torch.searchsorted(cdf_B_V, x_B1, right=True).clamp(max=s_B_V.shape[1] - 1)
+        return torch.full_like(s_B_V, float("-inf")).scatter_(1, token_B1, 0.0)
+
+
 class HFSampler:
     """Samples with ``model.generate`` (KV cache), in chunks of ``batch_size`` rows (None: all rows at once)."""
 
@@ -85,13 +143,13 @@ class HFSampler:
         self.batch_size = batch_size
 
     def generation_config(self, max_new_tokens: int) -> GenerationConfig:
-        """Sampling at ``temperature`` (top-k off, top-p as set); greedy decoding when the temperature is 0."""
-        sampling = self.temperature > 0
+        """Greedy ``generate`` with no warpers of HF's own (top-k off, no repetition penalty): sampling at
+        ``temperature`` with ``top_p`` is ``RowSampling``'s job, added by ``sample``."""
         return GenerationConfig(
-            do_sample=sampling,
-            temperature=self.temperature if sampling else 1.0,
-            top_p=self.top_p if sampling else 1.0,
-            top_k=0 if sampling else None,  # 0 disables top-k: sample from the full (tempered) distribution
+            do_sample=False,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
             repetition_penalty=1.0,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min(self.min_new_tokens, max_new_tokens),
@@ -101,24 +159,41 @@ class HFSampler:
         )
 
     @torch.no_grad()
-    def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int) -> Rollouts:
+    def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int,
+               row_ids: Sequence[int] | None = None, pad_to: int = 0) -> Rollouts:
+        """One response per prompt; prompts are left-padded to max(longest prompt, ``pad_to``) columns.
+
+        ``row_ids[b]`` (default b) keys row b's noise: the same (seed, row id, prompt) gives the same response
+        whatever the other rows are (module docstring). A process sampling a shard of a batch passes the rows'
+        indices in the whole batch, and that batch's longest prompt as ``pad_to``.
+        """
         device = next(self.model.parameters()).device
+        row_ids = list(range(len(prompt_ids))) if row_ids is None else list(row_ids)
+        if len(row_ids) != len(prompt_ids):
+            raise ValueError(f"sample: {len(row_ids)} row ids for {len(prompt_ids)} prompts")
         ids_B_P, mask_B_P = left_pad(prompt_ids, self.pad_token_id)
+        if pad_to > ids_B_P.shape[1]:
+            extra = pad_to - ids_B_P.shape[1]
+            ids_B_P = torch.nn.functional.pad(ids_B_P, (extra, 0), value=self.pad_token_id)
+            mask_B_P = torch.nn.functional.pad(mask_B_P, (extra, 0), value=0)
         chunk = self.batch_size or len(prompt_ids)
         gen_config = self.generation_config(max_new_tokens)
         was_training = self.model.training
         self.model.eval()
         pieces: list[torch.Tensor] = []
-        # Seeding here (not once per run) makes each step's samples a function of (seed, step): resume-exact.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(prompt_ids), chunk):
-                out_B_L = self.model.generate(
-                    input_ids=ids_B_P[start : start + chunk].to(device),
-                    attention_mask=mask_B_P[start : start + chunk].to(device),
-                    generation_config=gen_config,
-                )
-                pieces.append(out_B_L[:, ids_B_P.shape[1] :].cpu())
+        # Noise streams seeded here, per row (not once per run): a step's samples are a function of (seed, step),
+        # so a resumed run samples the same; the global RNG is never touched.
+        for start in range(0, len(prompt_ids), chunk):
+            rows = row_ids[start : start + chunk]
+            processors = LogitsProcessorList([RowSampling(self.temperature, self.top_p, seed, rows)]
+                                             if self.temperature > 0 else [])
+            out_B_L = self.model.generate(
+                input_ids=ids_B_P[start : start + chunk].to(device),
+                attention_mask=mask_B_P[start : start + chunk].to(device),
+                generation_config=gen_config,
+                logits_processor=processors,
+            )
+            pieces.append(out_B_L[:, ids_B_P.shape[1] :].cpu())
         self.model.train(was_training)
         R = max(p.shape[1] for p in pieces)
         new_B_R = torch.cat([torch.nn.functional.pad(p, (0, R - p.shape[1]), value=self.pad_token_id) for p in pieces])

@@ -3,7 +3,8 @@
 - ``server``: ``build_app(model, tokenizer, ...)`` (a starlette app), ``serve(spec, host, port, token, ...)`` and
   ``BackgroundServer`` (uvicorn in a thread); endpoints /health, /v1/score, /v1/completions (vLLM's prompt_logprobs).
 - ``client``: ``RemoteTeacher(url, dialect="esr" | "openai")`` with ``score``, ``score_rollouts`` and ``health``.
-- ``protocol``: request validation and response shapes; ``scoring``: the model computation (no HTTP).
+- ``protocol``: request validation and response shapes; ``scoring``: the model computation (no HTTP);
+  ``vocab``: the tokenizer digest /health publishes (a trainer checks it against its student's).
 
 The server needs the ``serve`` extra (``pip install "esr-distill[serve]"``: starlette, uvicorn, requests); the client
 needs requests only. Names are imported lazily so that ``import esr.serve`` never requires the server's packages.

@@ -10,6 +10,10 @@ Two dialects, one result:
   server scores the whole sequence and the client keeps the positions from ``start`` on. vLLM computes prompt
   log-probs from the raw (untempered) logits; ``max_tokens=1`` because some vLLM versions refuse 0 without echo.
 
+Normalisation: esr's server normalises over its whole output layer, or over its first ``vocab_size`` columns when
+``score(..., vocab_size=V)`` asks (what the trainer does when the teacher's output layer is wider than the columns it
+shares with the student); vLLM always normalises over its whole vocabulary.
+
 Either way ``score`` returns, per sequence, ``ScoredSequence(logprobs (n,), top_ids (n, k), top_logprobs (n, k))``
 as CPU tensors with n = len(sequence) - start, and ``score_rollouts`` lays them out as (B, R) / (B, R, K) tensors
 aligned with ``Rollouts.response_mask_B_R``.
@@ -97,19 +101,25 @@ class RemoteTeacher:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
 
-    def health(self) -> dict[str, Any]:
-        """esr: the server's /health (model, vocab_size, dtype, limits). openai: ``{"model", "models"}`` from
+    def health(self, vocab_prefix: int | None = None) -> dict[str, Any]:
+        """esr: the server's /health (model, vocab_size, dtype, limits, tokenizer digest; with ``vocab_prefix`` also
+        the digest of the first that many ids, ``esr.serve.vocab``). openai: ``{"model", "models"}`` from
         /v1/models."""
         if self.dialect == "esr":
-            return self._request("GET", "/health")
+            return self._request("GET", "/health" if vocab_prefix is None else f"/health?vocab_prefix={vocab_prefix}")
         ids = [m["id"] for m in self._request("GET", "/v1/models").get("data", [])]
         return {"model": ids[0] if ids else None, "models": ids}
 
     def score(
-        self, sequences: Sequence[Sequence[int]], starts: int | Sequence[int], top_k: int = 0
+        self, sequences: Sequence[Sequence[int]], starts: int | Sequence[int], top_k: int = 0,
+        vocab_size: int | None = None,
     ) -> list[ScoredSequence]:
         """Teacher log-probs of each sequence's tokens from its start on (1 <= start <= len), plus the top-k;
-        sent in requests of at most ``max_batch_sequences`` sequences."""
+        sent in requests of at most ``max_batch_sequences`` sequences. ``vocab_size`` (esr dialect only):
+        normalise over the first that many logit columns instead of the whole output layer."""
+        if vocab_size is not None and self.dialect != "esr":
+            raise ValueError("vocab_size is an esr-dialect field: the openai dialect normalises over the server's "
+                             "whole output layer")
         seqs = [[int(t) for t in s] for s in sequences]
         try:
             start_list = [int(s) for s in starts]  # type: ignore[union-attr]
@@ -122,13 +132,13 @@ class RemoteTeacher:
         for a in range(0, len(seqs), self.max_batch_sequences):
             batch, batch_starts = seqs[a : a + self.max_batch_sequences], start_list[a : a + self.max_batch_sequences]
             if self.dialect == "esr":
-                out.extend(self._score_esr(batch, batch_starts, top_k))
+                out.extend(self._score_esr(batch, batch_starts, top_k, vocab_size))
             else:
                 out.extend(self._score_openai(batch, batch_starts, top_k))
         self.seconds += time.perf_counter() - t0
         return out
 
-    def score_rollouts(self, rollouts: Rollouts, top_k: int = 0) -> RolloutScores:
+    def score_rollouts(self, rollouts: Rollouts, top_k: int = 0, vocab_size: int | None = None) -> RolloutScores:
         """Teacher log-probs of the sampled response tokens, (B, R), and the top-k, (B, R, K), zero where
         ``response_mask_B_R`` is False. Each row is sent without its left padding, its prompt as context."""
         P, R = rollouts.prompt_len, rollouts.response_mask_B_R.shape[1]
@@ -141,7 +151,7 @@ class RemoteTeacher:
                 raise ValueError(f"rollout row {b} has an empty prompt: its first response token has no context")
             sequences.append(ids[first:].tolist())
             starts.append(P - first)
-        scored = self.score(sequences, starts, top_k)
+        scored = self.score(sequences, starts, top_k, vocab_size)
         logprobs_B_R = torch.zeros((len(lengths), R), dtype=torch.float32)
         top_ids_B_R_K = torch.zeros((len(lengths), R, top_k), dtype=torch.long)
         top_logprobs_B_R_K = torch.zeros((len(lengths), R, top_k), dtype=torch.float32)
@@ -153,8 +163,12 @@ class RemoteTeacher:
 
     # --- the two dialects -------------------------------------------------------------------------------------
 
-    def _score_esr(self, seqs: list[list[int]], starts: list[int], top_k: int) -> list[ScoredSequence]:
-        reply = self._request("POST", "/v1/score", {"sequences": seqs, "start": starts, "top_k": top_k})
+    def _score_esr(self, seqs: list[list[int]], starts: list[int], top_k: int, vocab_size: int | None
+                   ) -> list[ScoredSequence]:
+        body: dict[str, Any] = {"sequences": seqs, "start": starts, "top_k": top_k}
+        if vocab_size is not None:  # only when asked: servers that predate the field refuse unknown keys
+            body["vocab_size"] = vocab_size
+        reply = self._request("POST", "/v1/score", body)
         self.server_seconds += float(reply.get("seconds", 0.0))
         out = []
         for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):

@@ -6,14 +6,18 @@
               "start": int | [int, ...],           first position whose token is scored (one for all, or one per
                                                    sequence), 1 <= start <= len(sequence)
               "top_k": int,                        optional, 0 (default) .. max_top_k
+              "vocab_size": int,                   optional, 1 .. the server's vocab_size: normalise over the first
+                                                   vocab_size logit columns only (scored ids must lie below it)
               "model": str}                        optional; must name the served model
     response {"logprobs": [[float, ...], ...],     per sequence, log p(x_j | x_<j) for j = start .. len - 1
               "top_ids": [[[int, ...], ...], ...], per sequence and scored position, the top_k most likely ids,
               "top_logprobs": [[[float]]],         most likely first, and their log-probs ([] per sequence if top_k=0)
               "model": str, "seconds": float}      seconds spent running the model for this request
 
-Everything is at temperature 1 and normalised over the teacher's whole output layer, the quantity the sampled
-reverse-KL loss needs (``esr.losses.sampled``).
+Everything is at temperature 1 and normalised over the teacher's whole output layer (or its first ``vocab_size``
+columns when the request says so: the trainer sends the columns the student shares with the teacher, as the local
+path normalises), the quantity the sampled reverse-KL loss needs (``esr.losses.sampled``). A server that predates
+``vocab_size`` refuses it as an unknown key (400), so clients send it only when it is below the server's.
 
 ``POST /v1/completions`` (the subset of vLLM's OpenAI-compatible endpoint that scores prompts)::
 
@@ -90,6 +94,8 @@ class ScoreJob:
     sequences: list[list[int]]
     starts: list[int]
     top_k: int
+    vocab_size: int | None = None
+    """Normalise over the first vocab_size logit columns (None: all of them)."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +117,10 @@ def parse_score_request(payload: Any, limits: Limits, model_name: str) -> ScoreJ
     """Validate a /v1/score body; raises ``RequestError(400, ...)`` naming the first problem found."""
     if not isinstance(payload, dict):
         raise RequestError(400, "the body must be a JSON object with keys sequences, start and top_k")
-    unknown = sorted(set(payload) - {"sequences", "start", "top_k", "model"})
+    unknown = sorted(set(payload) - {"sequences", "start", "top_k", "vocab_size", "model"})
     if unknown:
-        raise RequestError(400, f"unknown key(s) {unknown}; /v1/score takes sequences, start, top_k (and model)")
+        raise RequestError(400, f"unknown key(s) {unknown}; /v1/score takes sequences, start, top_k (and vocab_size, "
+                                "model)")
     _check_model(payload.get("model"), model_name)
     sequences = _sequences(payload.get("sequences"), "sequences", limits)
     start = payload.get("start")
@@ -128,7 +135,11 @@ def parse_score_request(payload: Any, limits: Limits, model_name: str) -> ScoreJ
         if not 1 <= s <= len(seq):
             raise RequestError(400, f"start[{i}] = {s} is out of range: it must be >= 1 (position 0 has nothing "
                                     f"before it to predict it) and <= len(sequences[{i}]) = {len(seq)}")
-    return ScoreJob(sequences, starts, _top_k(payload.get("top_k", 0), "top_k", limits))
+    vocab_size = _vocab_size(payload.get("vocab_size"), sequences, starts, limits)
+    top_k = _top_k(payload.get("top_k", 0), "top_k", limits)
+    if vocab_size is not None and top_k > vocab_size:
+        raise RequestError(400, f"top_k={top_k} exceeds vocab_size={vocab_size}")
+    return ScoreJob(sequences, starts, top_k, vocab_size)
 
 
 def parse_completion_request(payload: Any, limits: Limits, model_name: str) -> CompletionJob:
@@ -241,6 +252,22 @@ def _sequences(value: Any, name: str, limits: Limits) -> list[list[int]]:
             bad = lo if lo < 0 else hi
             raise RequestError(400, f"{name}[{i}][{seq.index(bad)}] = {bad} is outside the vocabulary: token ids "
                                     f"must lie in [0, {limits.vocab_size})")
+    return value
+
+
+def _vocab_size(value: Any, sequences: list[list[int]], starts: list[int], limits: Limits) -> int | None:
+    """The optional column limit of /v1/score: an int in [1, limits.vocab_size], above every scored token id."""
+    if value is None:
+        return None
+    if not _is_int(value) or not 1 <= value <= limits.vocab_size:
+        raise RequestError(400, f"vocab_size must be an integer in [1, {limits.vocab_size}] (got {value!r}): the "
+                                "logit columns to normalise over")
+    for i, (seq, s) in enumerate(zip(sequences, starts, strict=True)):
+        scored = seq[s:]
+        if scored and max(scored) >= value:
+            j = s + scored.index(max(scored))
+            raise RequestError(400, f"sequences[{i}][{j}] = {seq[j]} is scored but lies outside the first "
+                                    f"vocab_size={value} columns")
     return value
 
 

@@ -2,7 +2,8 @@
 
 Endpoints (request and response shapes in ``esr.serve.protocol``):
 
-    GET  /health           {"status": "ok", "model", "vocab_size", "tokenizer_size", "dtype", "device", limits}
+    GET  /health           {"status": "ok", "model", "vocab_size", "tokenizer_size", "dtype", "device", limits,
+                            "params", "tokenizer_sha256"}; ?vocab_prefix=N adds "vocab_prefix_sha256" (esr.serve.vocab)
     GET  /v1/models        OpenAI's model list, with the one served model
     POST /v1/score         esr's protocol: per-token log-probs of the given tokens from a start position, top-k
     POST /v1/completions   the prompt-scoring subset of vLLM's OpenAI-compatible endpoint (prompt_logprobs)
@@ -54,6 +55,7 @@ from esr.serve.protocol import (
     score_response,
 )
 from esr.serve.scoring import SequenceScores, model_vocab_size, score_sequences
+from esr.serve.vocab import vocab_digest
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class TeacherService:
         self.limits = Limits(self.vocab_size, min(max_batch_tokens, int(context)), max_top_k)
         self.lock = threading.Lock()
         self._decoded: dict[int, str] = {}
+        self._digests: dict[int, str] = {}
+        self.params = sum(p.numel() for p in self.model.parameters())
 
     def run(self, job: ScoreJob, *, with_ranks: bool = False, predict_next: bool = False
             ) -> tuple[list[SequenceScores], float]:
@@ -88,7 +92,7 @@ class TeacherService:
         with self.lock:
             t0 = time.perf_counter()
             scores = score_sequences(
-                self.model, job.sequences, job.starts, top_k=job.top_k, vocab_size=self.vocab_size,
+                self.model, job.sequences, job.starts, top_k=job.top_k, vocab_size=job.vocab_size or self.vocab_size,
                 max_batch_tokens=self.max_batch_tokens, with_ranks=with_ranks, predict_next=predict_next,
             )
             return scores, time.perf_counter() - t0
@@ -103,14 +107,26 @@ class TeacherService:
             text = self._decoded[token] = self.tokenizer.decode([token])
         return text
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, vocab_prefix: int | None = None) -> dict[str, Any]:
+        """/health: the model and limits, ``params``, and the tokenizer's digest (``esr.serve.vocab``), also of its
+        first ``vocab_prefix`` ids when asked (a trainer whose tokenizer is smaller checks the shared ids)."""
         param = next(self.model.parameters())
-        return {
+        info = {
             "status": "ok", "model": self.model_name, "vocab_size": self.vocab_size,
             "tokenizer_size": len(self.tokenizer), "dtype": str(param.dtype).removeprefix("torch."),
             "device": str(param.device), "max_sequence_tokens": self.limits.max_sequence_tokens,
             "max_batch_tokens": self.max_batch_tokens, "max_top_k": self.limits.max_top_k,
+            "params": self.params, "tokenizer_sha256": self.vocab_digest(len(self.tokenizer)),
         }
+        if vocab_prefix is not None:
+            info.update(vocab_prefix=vocab_prefix, vocab_prefix_sha256=self.vocab_digest(vocab_prefix))
+        return info
+
+    def vocab_digest(self, n: int) -> str:
+        """``esr.serve.vocab.vocab_digest`` of the first n ids, cached (a few sizes are ever asked for)."""
+        if n not in self._digests:
+            self._digests = {**dict(list(self._digests.items())[-7:]), n: vocab_digest(self.tokenizer, n)}
+        return self._digests[n]
 
 
 def build_app(
@@ -155,7 +171,12 @@ def build_app(
         return wrapped
 
     async def health(request: Request) -> dict[str, Any]:
-        return service.describe()
+        raw = request.query_params.get("vocab_prefix")
+        if raw is None:
+            return await run_in_threadpool(service.describe)  # the first call digests the vocabulary
+        if not raw.isdigit() or not 1 <= int(raw) <= len(tokenizer):
+            raise RequestError(400, f"vocab_prefix must be an integer in [1, {len(tokenizer)}] (got {raw!r})")
+        return await run_in_threadpool(service.describe, int(raw))
 
     async def models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "esr",

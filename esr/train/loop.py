@@ -25,16 +25,30 @@ from esr.optim import Extrapolator, make_extrapolator
 from esr.teacher.cross import CrossBatch
 from esr.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from esr.train.cross_step import distill_aligned, distill_span
+from esr.train.distributed import (
+    NullLog,
+    agree,
+    barrier,
+    is_main,
+    join,
+    main_only,
+    merge_metrics,
+    my_rows,
+    select_for_rows,
+    sync_gradients,
+)
 from esr.train.evaluation import PeriodicEval
+from esr.train.memory import release_freed_memory
 from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, peak_memory_gb, step_flops, truncate_jsonl
 from esr.train.progress import RunProgress
+from esr.train.remote_step import remote_micro_batch
+from esr.train.remote_teacher import RemoteScorer
 from esr.train.scores import (
     SELECT_SEED,
     Selection,
     TokenScores,
     check_selection_supported,
     score_tokens,
-    select_for_step,
 )
 from esr.train.session import Session, batch_indices, build_session
 from esr.train.step import MicroBatchResult, distill_micro_batch
@@ -76,6 +90,7 @@ def resume(run_dir: str | Path, *, progress: bool = True) -> RunResult:
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True) -> RunResult:
     """Distil ``cfg.student`` from ``cfg.teacher`` for ``cfg.train.steps`` steps; return the run's metrics."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    run_dir = join(cfg, run_dir)  # several processes (torchrun, accelerate): one group, rank 0's folder; else no-op
     if not resume and (run_dir / "config.yaml").exists():
         raise RunFolderError(f"{run_dir} already holds a run: continue it with `esr train --resume {run_dir}`"
                              " or choose another --out")
@@ -83,12 +98,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         _use_deterministic_algorithms()
     s = build_session(cfg)  # before the folder exists: a config the session rejects leaves nothing behind
     check_selection_supported(cfg.loss, cross_tokenizer=s.cross is not None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    tmp = run_dir / f".run.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(s.info, indent=2))
-    os.replace(tmp, run_dir / "run.json")
-    log = MetricsLog(run_dir)
+    barrier()  # every process has looked at the folder before rank 0, the only writer, writes into it
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tmp = run_dir / f".run.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(s.info, indent=2))
+        os.replace(tmp, run_dir / "run.json")
+    log = MetricsLog(run_dir) if is_main() else NullLog(run_dir)
     evals = PeriodicEval(cfg, run_dir)
     # EffOPD (optim.extrapolate): built from the initial weights, before a checkpoint replaces them.
     extrapolator = make_extrapolator(s, cfg, run_dir) if cfg.optim.extrapolate.enabled else None
@@ -96,16 +113,16 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
 
     start, ckpt, nonfinite_in_a_row = 0, None, 0
     if resume:
-        remove_partial_checkpoints(run_dir)
+        main_only(remove_partial_checkpoints, run_dir)
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
             state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator)
             start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         log.truncate_after(start)
-        evals.truncate_after(start)
-        truncate_jsonl(events_path, start)
+        main_only(evals.truncate_after, start)
+        main_only(truncate_jsonl, events_path, start)
 
-    bar = RunProgress(cfg.train.steps, start, enabled=progress)
+    bar = RunProgress(cfg.train.steps, start, enabled=progress and is_main())
     for step in range(start, cfg.train.steps):
         with _explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar):
             metrics = run_step(s, cfg, step)
@@ -124,10 +141,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
             )
         # An evaluation step always gets a checkpoint, so the best one by eval.metric can be loaded.
         if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps or evals.due(step + 1):
-            ckpt = save_checkpoint(run_dir, step + 1, s.student, s.tokenizer, s.optimizer, s.scheduler, cfg,
-                                   {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator)
+            ckpt = main_only(save_checkpoint, run_dir, step + 1, s.student, s.tokenizer, s.optimizer, s.scheduler,
+                             cfg, {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator)
         if evals.due(step + 1):
-            row = evals.run(step + 1, s.student, s.tokenizer, ckpt)
+            row = main_only(evals.run, step + 1, s.student, s.tokenizer, ckpt)
             log.scalars("eval", step + 1, row)
             bar.note(f"eval step {step + 1}: {cfg.eval.metric} {row[cfg.eval.metric]:.3f}")
     bar.close()
@@ -147,11 +164,19 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics."""
     # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
     horizon = s.policy.plan(step)
+    #    Several processes: each takes its rows of the batch (distributed.py); a row's sample depends only on the
+    #    seed, its index in the batch and its prompt, padded as the whole batch's longest prompt.
     prompt_index = batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed)
+    pad_to = max(len(s.prompt_ids[i]) for i in prompt_index)
+    rows = my_rows(len(prompt_index))
+    prompt_index = [prompt_index[b] for b in rows]
     prompts = [s.prompt_ids[i] for i in prompt_index]
     t0 = time.perf_counter()
-    rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step)
+    rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step, row_ids=rows, pad_to=pad_to)
     seconds_generate = time.perf_counter() - t0
+    cpu = s.device.type == "cpu"  # CPU: hand freed heap pages back between phases (esr/train/memory.py)
+    if cpu:
+        release_freed_memory()
 
     # 2. Another tokenizer? Re-render the rollouts for the teacher and align the two tokenizations.
     cross, seconds_align = None, 0.0
@@ -171,31 +196,37 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     t0, s.scorer.seconds = time.perf_counter(), 0.0
     scores = (score_tokens(s.student, s.scorer, rollouts, cfg.loss, s.vocab_size, cfg.train.micro_batch_size)
               if needed_scores(cfg.loss.select) else None)
-    selection = select_for_step(cfg.loss, valid_B_R, rollouts.response_mask_B_R,
-                                SELECT_SEED + cfg.seed * 1_000_003 + step, scores)
+    selection = select_for_rows(cfg.loss, valid_B_R, rollouts.response_mask_B_R,
+                                SELECT_SEED + cfg.seed * 1_000_003 + step, scores, rows)  # n_total: whole batch
     seconds_select = time.perf_counter() - t0 - s.scorer.seconds  # the student's side of the scoring pass
 
     # 4. Teacher scoring (unless the scoring pass ran it) + student loss and backward, micro-batch by micro-batch.
     loss, kl_sum = 0.0, 0.0
     for a in range(0, len(rollouts), cfg.train.micro_batch_size):
         out = _micro_batch(s, cfg, rollouts, cross, selection, a)
+        if cpu:
+            release_freed_memory()
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
     # 5. Optimizer step, unless the loss or the gradient is not finite.
+    #    Several processes: sum their gradients first (each is its rows' share of the batch mean).
     trainable = [p for p in s.student.parameters() if p.requires_grad]
+    finite = sync_gradients(trainable, math.isfinite(loss))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    skipped = not (finite and math.isfinite(grad_norm))
     if not skipped:
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
+    if cpu:
+        release_freed_memory()
     lr = s.scheduler.get_last_lr()[0]
     s.scheduler.step()
 
     lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
     flops_generate, flops_score, flops_train = _flops(s, rollouts, cross, scores)
-    return StepMetrics(
+    return merge_metrics(StepMetrics(  # several processes: the whole batch's metrics, in every process
         step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
         tokens_generated=int(lengths_B.sum()), tokens_scored=n_selected,
         trained_share=n_selected / max(1, int(lengths_B.sum())), response_len_mean=float(lengths_B.float().mean()),
@@ -203,7 +234,7 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
         seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
-    )
+    ))
 
 
 @contextmanager
@@ -237,9 +268,10 @@ def _extrapolate(
 ) -> StepMetrics:
     """Run EffOPD's line search after step ``step``, log it to ``extrapolate/events.jsonl``; return the step's
     metrics with its seconds and FLOPs."""
-    event = extrapolator.extrapolate(step)
+    event = extrapolator.extrapolate(step)  # several processes: each on the same weights, so the same decision
+    agree((event.tries, event.alphas_accepted, event.score_after), f"the extrapolation after step {step}")
     row = event.as_row()
-    append_jsonl(events_path, row)
+    main_only(append_jsonl, events_path, row)
     log.scalars("extrapolate", step, {k: row[k] for k in ("score_before", "score_after", "tries", "accepted",
                                                          "seconds")})
     alphas = ", ".join(f"{a:.3g}" for a in event.alphas_accepted) or "none"
@@ -270,6 +302,9 @@ def _micro_batch(
     mb_select = selection.select_B_R[a:b, :n_resp]
     mb_weight = None if selection.weight_B_R is None else selection.weight_B_R[a:b, :n_resp]
     n_total = selection.n_total
+    if isinstance(s.scorer, RemoteScorer):  # teacher.url: log p_t of the sampled tokens from a server
+        return remote_micro_batch(s.student, s.scorer, rollouts, a, b, mb_select, n_total, cfg.loss, s.vocab_size,
+                                  weight_B_R=mb_weight)
     if cross is None:
         teacher_hidden = None if selection.scores is None else selection.scores.teacher_hidden[a // (b - a)]
         return distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size,

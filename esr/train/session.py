@@ -22,16 +22,18 @@ from esr.rollout.policies import HorizonPolicy, make_policy
 from esr.rollout.sampler import HFSampler
 from esr.teacher.cross import CrossTokenizer, template_warnings
 from esr.teacher.score import TeacherScorer
+from esr.train.remote_teacher import RemoteScorer, connect_remote_teacher
 
 log = logging.getLogger("esr.train")
 
 @dataclass
 class Session:
     student: nn.Module
-    teacher: nn.Module
+    teacher: nn.Module | None
+    """None when the teacher is a server (``teacher.url``): then ``scorer`` is a ``RemoteScorer``."""
     tokenizer: Any
     sampler: HFSampler
-    scorer: TeacherScorer
+    scorer: TeacherScorer | RemoteScorer
     policy: HorizonPolicy
     prompt_ids: tuple[tuple[int, ...], ...]
     vocab_size: int
@@ -118,18 +120,24 @@ def prompt_budget(cfg: Config, *models: nn.Module) -> int:
 def build_session(cfg: Config) -> Session:
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
+    # teacher.url: the teacher is a server (esr/train/remote_teacher.py), reached before any model loads.
+    remote = connect_remote_teacher(cfg) if getattr(cfg.teacher, "url", None) is not None else None
     student, tokenizer = load_model(cfg.student.name, dtype=dtype, device=device,
                                     trust_remote_code=cfg.student.trust_remote_code,
                                     allow_pickle=cfg.student.allow_pickle)
-    teacher, teacher_tok = load_model(cfg.teacher.name, dtype=dtype, device=device,
-                                      trust_remote_code=cfg.teacher.trust_remote_code,
-                                      allow_pickle=cfg.teacher.allow_pickle)
+    if remote is None:
+        teacher, teacher_tok = load_model(cfg.teacher.name, dtype=dtype, device=device,
+                                          trust_remote_code=cfg.teacher.trust_remote_code,
+                                          allow_pickle=cfg.teacher.allow_pickle)
+    else:  # check_student compares the server's tokenizer with the student's
+        teacher, teacher_tok = None, tokenizer
     cross_mode = cfg.loss.cross_tokenizer if vocabulary_mismatch(tokenizer, teacher_tok) else None
     if cross_mode is None:
         if cfg.loss.cross_tokenizer is not None:
             log.info("student and teacher share one vocabulary: loss.cross_tokenizer is ignored (same-tokenizer path)")
         check_same_tokenizer(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name)
-        vocab_size = teacher_vocab_size = shared_vocab_size(student, teacher, tokenizer)
+        vocab_size = teacher_vocab_size = (shared_vocab_size(student, teacher, tokenizer) if remote is None
+                                           else remote.check_student(tokenizer, student, cfg))
     else:
         vocab_size = student.get_output_embeddings().weight.shape[0]
         teacher_vocab_size = teacher.get_output_embeddings().weight.shape[0]
@@ -141,7 +149,8 @@ def build_session(cfg: Config) -> Session:
                     "which suits a base model; a chat model that lost its template would be trained off-format",
                     cfg.student.name)
     prompt_set = load_prompts(cfg.data)
-    tokenized = tokenize_prompts(prompt_set.prompts, tokenizer, prompt_budget(cfg, student, teacher))
+    tokenized = tokenize_prompts(prompt_set.prompts, tokenizer,
+                                 prompt_budget(cfg, student, *([teacher] if teacher is not None else [])))
     cross = None
     if cross_mode is not None:
         for warning in template_warnings(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name):
@@ -165,7 +174,8 @@ def build_session(cfg: Config) -> Session:
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "student_params": sum(p.numel() for p in student.parameters()),
         "trainable_params": sum(p.numel() for p in params),
-        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else remote.params,
+        **({"teacher": remote.describe()} if remote is not None else {}),
         "eos_token_ids": eos_ids, "pad_token_id": pad_id, "pad_is_eos": pad_id in eos_ids, "vocab_size": vocab_size,
         "cross_tokenizer": cross_mode,
         **({"shared_vocab": len(cross.vocab_map), "teacher_vocab_size": teacher_vocab_size,
@@ -175,7 +185,8 @@ def build_session(cfg: Config) -> Session:
     }
     return Session(
         student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler,
-        scorer=TeacherScorer(teacher, vocab_size=teacher_vocab_size), policy=make_policy(cfg.rollout), cross=cross,
+        scorer=TeacherScorer(teacher, vocab_size=teacher_vocab_size) if remote is None else remote,
+        policy=make_policy(cfg.rollout), cross=cross,
         prompt_ids=tokenized.ids, vocab_size=vocab_size, optimizer=optimizer, scheduler=scheduler, device=device,
         info=info,
     )
