@@ -1,0 +1,458 @@
+"""esr vs TRL's DistillationTrainer and GKDTrainer vs the raw floor: same models, prompts, seed and settings, one run.
+
+Every arm runs in its own process, one after the other (so each peak RSS is that arm's alone), and does 1 warm-up
+step plus K timed steps (`--steps`, default 2) of on-policy reverse-KL distillation: the student samples exactly N
+new tokens per prompt (min_new_tokens = max_new_tokens = N, temperature 0.7, top-k off), the teacher scores them,
+the student takes one AdamW step on its LoRA adapters (r=32, alpha=64, all linear layers; lr 2e-4), fp32, 2 threads.
+The settings come from the esr config (`--config`, default configs/quickstart.yaml), so every arm gets the same ones.
+
+Arms (`--arms`):
+  esr               esr's own step (build_session + run_step): ESR N=`--esr-n` when N equals it, else full rollout
+  floor             the raw floor of benchmarks/step_time.py (plain generate + teacher forward + student
+                    forward/backward with full logits + AdamW; no esr code), on the same esr session
+  trl-distill       trl.DistillationTrainer (beta=1), gradient checkpointing on (its default)
+  trl-gkd           trl.experimental.gkd.GKDTrainer (lmbda=1 = always on-policy, beta=1), gradient checkpointing
+                    off (on, it samples without the KV cache)
+  trl-distill-nogc, trl-gkd-gc   the same with gradient checkpointing flipped (not run unless named)
+The TRL arms run benchmarks/trl_arm.py in a separate virtual environment (TRL is not a dependency of esr); it loads
+the fp32 safetensors folders esr converted the zoo presets into (~/.cache/esr/models/<preset>), with from_pretrained.
+
+Set up the TRL environment once (reuses this environment's torch / transformers / peft / accelerate):
+
+    python -m venv --system-site-packages /work/venvs/trl
+    /work/venvs/trl/bin/pip install -r benchmarks/requirements-trl.txt
+
+Run:
+
+    python benchmarks/vs_trl.py                         # quickstart pair; 100 and 400 new tokens; batch 4
+    python benchmarks/vs_trl.py --tokens 100 --batch 4 8 16 --arms esr      # esr's per-sample cost vs batch
+    python benchmarks/vs_trl.py --models tiny --steps 1 --tokens 16 32 --esr-n 16 --out /tmp/vs_trl_tiny.json
+                                                        # tiny random models: checks the whole script in minutes
+
+Results go to `--out` (default benchmarks/results/vs_trl.json), rewritten after every arm (an arm that crashes is
+recorded and the others still run), with a markdown twin (.md): mean seconds per timed step and per phase, peak RSS
+of the timed steps and of the whole process, CPU seconds, and the ratios esr / other arm, among them the user-level
+comparison: esr's ESR N=100 step against the TRL trainers at the longest `--tokens` (400 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from trl_arm import StepClock, cpu_s, peak_rss_gb, rss_gb, set_threads  # noqa: E402  (standard library only)
+
+DEFAULT_TRL_PYTHON = "/work/venvs/trl/bin/python"
+SETUP = ("python -m venv --system-site-packages /work/venvs/trl && "
+         "/work/venvs/trl/bin/pip install -r benchmarks/requirements-trl.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    runner: str  # "esr", "floor" or "trl"
+    trainer: str | None = None  # TRL: "distill" or "gkd"
+    gradient_checkpointing: bool = False
+
+    def label(self, tokens: int, esr_n: int) -> str:
+        if self.runner == "esr":
+            return f"esr, ESR N={tokens}" if tokens == esr_n else f"esr, full rollout T={tokens}"
+        if self.runner == "floor":
+            return "raw floor"
+        name = "TRL DistillationTrainer" if self.trainer == "distill" else "TRL GKDTrainer"
+        return f"{name} (grad. ckpt {'on' if self.gradient_checkpointing else 'off'})"
+
+
+ARMS = {a.name: a for a in (
+    Arm("esr", "esr"),
+    Arm("floor", "floor"),
+    Arm("trl-distill", "trl", "distill", gradient_checkpointing=True),
+    Arm("trl-gkd", "trl", "gkd", gradient_checkpointing=False),
+    Arm("trl-distill-nogc", "trl", "distill", gradient_checkpointing=False),
+    Arm("trl-gkd-gc", "trl", "gkd", gradient_checkpointing=True),
+)}
+DEFAULT_ARMS = ["esr", "floor", "trl-distill", "trl-gkd"]
+
+
+# --- the esr and floor arms (child process, this environment) -------------------------------------------------------
+
+def esr_child(spec: dict[str, Any]) -> dict[str, Any]:
+    set_threads(spec["threads"])
+    import torch
+    from step_time import floor_step
+
+    from esr.config import load_config
+    from esr.rollout.policies import make_policy
+    from esr.train.loop import run_step
+    from esr.train.session import batch_indices, build_session
+
+    kind, T, W, B = spec["kind"], spec["tokens"], spec["warmup_tokens"], spec["batch"]
+    n_warmup, n_timed = spec["warmup_steps"], spec["steps"]
+    cfg = load_config(spec["config"], spec["overrides"])
+    cfg_warm = load_config(spec["config"], spec["warmup_overrides"])
+    t0 = time.perf_counter()
+    s = build_session(cfg)
+    load_s = time.perf_counter() - t0
+    rss_loaded = rss_gb()
+    s_warm = dataclasses.replace(s, policy=make_policy(cfg_warm.rollout))  # the session's policy sets the horizon
+
+    def prompts(step: int) -> list[tuple[int, ...]]:  # what esr's own step `step` trains on
+        return [s.prompt_ids[i] for i in batch_indices(len(s.prompt_ids), B, step, cfg.seed)]
+
+    for step, rows in enumerate(spec["prompts"]):
+        if [list(p) for p in prompts(step)] != [r["ids"] for r in rows]:
+            raise RuntimeError(f"step {step}: the session's prompts differ from those the TRL arms get")
+
+    clock = StepClock(n_warmup)
+    losses: list[float] = []
+    for step in range(n_warmup + n_timed):
+        warm = step < n_warmup
+        clock.begin()
+        if kind == "esr":
+            m = run_step(s_warm if warm else s, cfg_warm if warm else cfg, step)
+            clock.add("generate", m.seconds_generate)
+            clock.add("score", m.seconds_score)
+            clock.tokens = m.tokens_generated
+            losses.append(m.loss)
+            clock.end(kl=m.kl, esr_seconds_train=m.seconds_train)
+        else:
+            n = W if warm else T
+            phases = floor_step(s, prompts(step), n, step)
+            clock.add("generate", phases["generate"])
+            clock.add("score", phases["score"])
+            clock.tokens = B * n  # min_new_tokens = max_new_tokens = n
+            clock.end()
+    trainable = [p for p in s.student.parameters() if p.requires_grad]
+    return {
+        "status": "ok", "steps": clock.steps, "load_s": load_s, "rss_after_load_gb": rss_loaded,
+        "rss_before_timed_gb": clock.rss_before_timed_gb, **clock.peaks(), "losses": losses, "notes": [],
+        "setup": {
+            "trainer": "esr.train.loop.run_step" if kind == "esr" else "benchmarks/step_time.py floor_step",
+            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "generation": {"temperature": cfg.rollout.temperature, "top_k": 0, "top_p": cfg.rollout.top_p,
+                           "min_new_tokens": T, "max_new_tokens": T, "use_cache": True,
+                           "eos_token_id": s.sampler.eos_token_ids, "pad_token_id": s.sampler.pad_token_id},
+            "horizon": cfg.rollout.horizon if kind == "esr" else "floor", "loss_chunk_size": cfg.loss.chunk_size,
+            "optimizer": type(s.optimizer).__name__, "trainable_params": sum(p.numel() for p in trainable),
+            "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in s.student.parameters()}),
+            "loss": "exact reverse KL, untempered logits",
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "threads": torch.get_num_threads()},
+    }
+
+
+def child_main(spec_path: str, result_path: str) -> None:
+    import traceback
+
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        result = esr_child(spec)
+    except BaseException as e:
+        result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        print(result["traceback"], file=sys.stderr, flush=True)
+    result.setdefault("peak_rss_gb", peak_rss_gb())
+    result["cpu_s_process"] = cpu_s()
+    Path(result_path).write_text(json.dumps(result, indent=2, default=str))
+    sys.exit(0 if result["status"] == "ok" else 1)
+
+
+# --- the orchestrator ------------------------------------------------------------------------------------------------
+
+def esr_overrides(args: argparse.Namespace, tokens: int, batch: int, horizon: int | None = None) -> list[str]:
+    """esr config overrides for an arm generating exactly `tokens` new tokens per rollout. `horizon` (default
+    `tokens`) is what the horizon policy plans: the warm-up step may be shorter than the timed ones."""
+    n = horizon or tokens
+    common = [f"train.batch_size={batch}", f"train.micro_batch_size={batch}", "train.steps=1000"]
+    if tokens == args.esr_n:  # ESR: the horizon cuts every rollout at N; min_new_tokens makes it exactly N
+        return common + ["rollout.horizon=esr", f"rollout.n={n}", f"rollout.min_new_tokens={tokens}",
+                         f"rollout.max_new_tokens={max(tokens, *args.tokens)}"]
+    # Full rollout: max_new_tokens is the horizon (the session's prompt budget is fixed by the timed arm's config).
+    return common + ["rollout.horizon=full", f"rollout.max_new_tokens={n}", f"rollout.min_new_tokens={min(n, tokens)}"]
+
+
+def step_prompts(cfg: Any, folders: tuple[str, str], n_steps: int) -> list[list[dict[str, Any]]]:
+    """The prompts (chat messages and token ids) of esr's steps 0..n_steps-1, exactly as build_session and run_step
+    choose them (same data, template, token budget, order and seed)."""
+    from transformers import AutoConfig
+
+    from esr.data import load_prompts, tokenize_prompts
+    from esr.models.load import load_tokenizer
+    from esr.train.session import batch_indices, prompt_budget
+
+    tokenizer = load_tokenizer(folders[0])
+    models = [SimpleNamespace(config=AutoConfig.from_pretrained(f)) for f in folders]
+    tokenized = tokenize_prompts(load_prompts(cfg.data).prompts, tokenizer, prompt_budget(cfg, *models))
+    return [[{"messages": [dict(m) for m in tokenized.prompts[i].messages], "ids": list(tokenized.ids[i])}
+             for i in batch_indices(len(tokenized.ids), cfg.train.batch_size, step, cfg.seed)]
+            for step in range(n_steps)]
+
+
+def model_folders(args: argparse.Namespace, work: Path) -> tuple[list[str], tuple[str, str], dict[str, str]]:
+    """(config overrides naming the models, (student folder, teacher folder), description).
+
+    real: the config's presets, converted once by esr into fp32 safetensors folders (zoo.prepare), which the TRL arms
+    load too. tiny: esr's tiny random presets saved with save_pretrained into `work`, loaded from there by every arm.
+    """
+    from esr.config import load_config
+    from esr.models import zoo
+
+    if args.models == "tiny":
+        from esr.models import load_model
+
+        folders = []
+        for preset in ("tiny-student", "tiny-teacher"):
+            model, tokenizer = load_model(preset)
+            folder = work / preset
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            folders.append(str(folder))
+        desc = {"student": "tiny-student (random)", "teacher": "tiny-teacher (random)"}
+        return ([f"student.name={folders[0]}", f"teacher.name={folders[1]}", "data.size=64"],
+                (folders[0], folders[1]), desc)
+    cfg = load_config(args.config)
+    folders = []
+    for name in (cfg.student.name, cfg.teacher.name):
+        if name in zoo.PRESETS:
+            folders.append(str(zoo.prepare(name, progress=True)))
+        elif Path(name).expanduser().is_dir():
+            folders.append(str(Path(name).expanduser()))
+        else:
+            sys.exit(f"{name!r} is neither a zoo preset nor a local model folder: the TRL arms need a folder")
+    return [], (folders[0], folders[1]), {"student": cfg.student.name, "teacher": cfg.teacher.name}
+
+
+def check_trl_python(path: str) -> str:
+    if not Path(path).is_file():
+        sys.exit(f"TRL environment not found: {path} does not exist. Set it up once with\n    {SETUP}\n"
+                 "or point --trl-python at a Python that has trl 1.16 (or leave the TRL arms out with --arms).")
+    probe = subprocess.run([path, "-c", "import trl, sys; print(trl.__version__)"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        sys.exit(f"{path} cannot import trl:\n{probe.stderr.strip()[-800:]}\nInstall it with\n    {SETUP}")
+    return probe.stdout.strip()
+
+
+def run_child(cmd: Sequence[str], spec: dict[str, Any], work: Path, tag: str, threads: int) -> dict[str, Any]:
+    """Run one arm in its own process, echo its output, return its result plus the kernel's CPU accounting."""
+    spec_path, result_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*cmd, str(spec_path), str(result_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(f"  | {line}")
+        tail = (tail + [line.rstrip()])[-40:]
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would mix the arms)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:
+        result = {"status": "error", "error": f"the arm's process ended with exit code {proc.returncode} and wrote "
+                                              "no result (killed? out of memory?)", "output_tail": tail}
+    if result.get("status") != "ok":
+        result.setdefault("output_tail", tail)
+    result.update(exit_code=proc.returncode, wall_s=wall, cpu_s_wait4=usage.ru_utime + usage.ru_stime)
+    return result
+
+
+def summarise(result: dict[str, Any], batch: int) -> dict[str, Any]:
+    timed = [r for r in result.get("steps", []) if not r["warmup"]]
+    if not timed:
+        return {}
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in timed) / len(timed)
+
+    return {"s_per_step": mean("total_s"), "generate_s": mean("generate_s"), "score_s": mean("score_s"),
+            "train_s": mean("train_s"), "cpu_s_per_step": mean("cpu_s"), "s_per_sample": mean("total_s") / batch,
+            "tokens_per_step": mean("tokens_generated"), "timed_steps": len(timed)}
+
+
+def _fmt(x: float | None, spec: str = ".2f", unit: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{unit}"
+
+
+def markdown(arms: list[dict[str, Any]], esr_n: int) -> str:
+    lines = ["| arm | batch | new tokens | generate s | score s | train s | **s/step** | s/sample | CPU s/step "
+             "| peak RSS, steps | peak RSS, process |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        m = a.get("summary") or {}
+        if a["result"].get("status") != "ok":
+            error = str(a["result"].get("error", "?")).replace("|", "/")[:80]
+            lines.append(f"| {a['label']} | {a['batch']} | {a['tokens']} | failed: {error} |" + " |" * 7)
+            continue
+        r = a["result"]
+        lines.append(
+            f"| {a['label']} | {a['batch']} | {a['tokens']} | {_fmt(m.get('generate_s'))} | {_fmt(m.get('score_s'))} "
+            f"| {_fmt(m.get('train_s'))} | **{_fmt(m.get('s_per_step'))}** | {_fmt(m.get('s_per_sample'))} "
+            f"| {_fmt(m.get('cpu_s_per_step'), '.1f')} | {_fmt(r.get('peak_rss_steps_gb'), '.1f', ' GB')} "
+            f"| {_fmt(r.get('peak_rss_gb'), '.1f', ' GB')} |")
+    ratios = ratio_rows(arms, esr_n)
+    if ratios:
+        lines += ["", "| ratio (esr / other) | time per step | peak RSS, steps | peak RSS, process |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['what']} | **{_fmt(r['time'], '.2f', 'x')}** | {_fmt(r['mem_steps'], '.2f', 'x')} "
+                  f"| {_fmt(r['mem_process'], '.2f', 'x')} |" for r in ratios]
+    return "\n".join(lines) + "\n"
+
+
+def ratio_rows(arms: list[dict[str, Any]], esr_n: int) -> list[dict[str, Any]]:
+    ok = [a for a in arms if a["result"].get("status") == "ok" and a.get("summary")]
+
+    def find(name: str, tokens: int, batch: int) -> dict[str, Any] | None:
+        return next((a for a in ok if a["arm"] == name and a["tokens"] == tokens and a["batch"] == batch), None)
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return None if x is None or not y else x / y
+
+    def row(what: str, e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
+        return {"what": what, "time": ratio(e["summary"]["s_per_step"], o["summary"]["s_per_step"]),
+                "mem_steps": ratio(e["result"].get("peak_rss_steps_gb"), o["result"].get("peak_rss_steps_gb")),
+                "mem_process": ratio(e["result"].get("peak_rss_gb"), o["result"].get("peak_rss_gb"))}
+
+    rows = []
+    token_counts = sorted({a["tokens"] for a in ok})
+    for e in [a for a in ok if a["arm"] == "esr"]:
+        for o in ok:
+            if o["arm"] != "esr" and o["tokens"] == e["tokens"] and o["batch"] == e["batch"]:
+                rows.append(row(f"{e['label']} / {o['label']}, same work ({e['tokens']} tokens, batch {e['batch']})",
+                                e, o))
+    longest = max(token_counts, default=None)
+    if longest is not None and longest != esr_n:  # the user-level comparison: ESR N against full-length TRL
+        for e in [a for a in ok if a["arm"] == "esr" and a["tokens"] == esr_n]:
+            for o in ok:
+                if o["runner"] in ("trl", "floor") and o["tokens"] == longest and o["batch"] == e["batch"]:
+                    rows.append(row(f"user level: {e['label']} / {o['label']} at max_new_tokens {longest} "
+                                    f"(batch {e['batch']})", e, o))
+    return rows
+
+
+def write_results(out: Path, meta: dict[str, Any], arms: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "arms": arms, "ratios": ratio_rows(arms, meta["esr_n"])}
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, out)
+    out.with_suffix(".md").write_text(markdown(arms, meta["esr_n"]))
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], sys.argv[3])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", choices=["real", "tiny"], default="real",
+                    help="real: the config's student and teacher (default); tiny: tiny random models (a check)")
+    ap.add_argument("--config", default="configs/quickstart.yaml", help="esr config giving models and settings")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[100, 400], help="new tokens per rollout (each a run)")
+    ap.add_argument("--esr-n", type=int, default=100, help="the token count at which esr's arm is ESR (else full)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[4], help="batch sizes of the esr arm")
+    ap.add_argument("--trl-batch", type=int, nargs="+", default=[4],
+                    help="batch sizes of the TRL arms and the raw floor")
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per arm, after 1 warm-up step")
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="new tokens of the warm-up step (default: the arm's own count; e.g. 16 saves time)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON, help="Python of the TRL virtual environment")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/vs_trl[_tiny].json)")
+    args = ap.parse_args()
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"vs_trl{'_tiny' if args.models == 'tiny' else ''}.json")
+    config = str((ROOT / args.config) if not Path(args.config).is_absolute() else Path(args.config))
+    arms = [ARMS[a] for a in dict.fromkeys(args.arms)]
+    trl_version = check_trl_python(args.trl_python) if any(a.runner == "trl" for a in arms) else None
+
+    import psutil
+    import torch
+
+    from esr.config import load_config
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp:
+        work = Path(tmp)
+        model_overrides, folders, desc = model_folders(args, work)
+        n_steps = 1 + args.steps
+        meta = {
+            "date": datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "torch": torch.__version__, "trl": trl_version, "threads": args.threads, "models": desc,
+            "model_folders": list(folders), "config": args.config, "esr_n": args.esr_n, "tokens": args.tokens,
+            "steps": args.steps, "warmup_steps": 1, "warmup_tokens": args.warmup_tokens,
+            "memory": "peak RSS, steps: VmHWM reset after the warm-up step, read after the timed steps; "
+                      "peak RSS, process: the arm's whole process (loading included)",
+        }
+        results: list[dict[str, Any]] = []
+        plan = [(T, arm, b) for T in args.tokens for arm in arms
+                for b in (args.batch if arm.runner == "esr" else args.trl_batch)]
+        print(f"{len(plan)} arms, each 1 warm-up + {args.steps} timed steps: "
+              + ", ".join(f"{a.name}@{T}x{b}" for T, a, b in plan), flush=True)
+        for i, (T, arm, b) in enumerate(plan):
+            W = args.warmup_tokens or T
+            overrides = [*model_overrides, *esr_overrides(args, T, b)]
+            cfg = load_config(config, overrides)
+            prompts = step_prompts(cfg, folders, n_steps)
+            common = {"tokens": T, "warmup_tokens": W, "batch": b, "warmup_steps": 1, "steps": args.steps,
+                      "threads": args.threads, "prompts": prompts}
+            label = arm.label(T, args.esr_n)
+            print(f"\n=== [{i + 1}/{len(plan)}] {label}: {T} new tokens, batch {b} ===", flush=True)
+            if arm.runner in ("esr", "floor"):
+                warm_overrides = [*model_overrides, *esr_overrides(args, T, b, horizon=W)]
+                spec = {**common, "kind": arm.runner, "config": config, "overrides": overrides,
+                        "warmup_overrides": warm_overrides}
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
+            else:
+                spec = {**common, "trainer": arm.trainer, "gradient_checkpointing": arm.gradient_checkpointing,
+                        "student_dir": folders[0], "teacher_dir": folders[1], "work_dir": str(work / f"trl-{i}"),
+                        "lora": dataclasses.asdict(cfg.lora), "lr": cfg.train.lr,
+                        "weight_decay": cfg.train.weight_decay, "max_grad_norm": cfg.train.max_grad_norm,
+                        "seed": cfg.seed, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
+                cmd = [args.trl_python, str(HERE / "trl_arm.py")]
+            result = run_child(cmd, spec, work, f"arm{i}", args.threads)
+            entry = {"arm": arm.name, "runner": arm.runner, "label": label, "tokens": T, "batch": b,
+                     "summary": summarise(result, b), "result": result}
+            results.append(entry)
+            write_results(out, {**meta, "elapsed_s": time.perf_counter() - started}, results)
+            m = entry["summary"]
+            if result.get("status") == "ok":
+                print(f"=== {label}: {m['s_per_step']:.2f} s/step (generate {m['generate_s']:.2f}, score "
+                      f"{m['score_s']:.2f}, train {m['train_s']:.2f}); peak RSS {_fmt(result.get('peak_rss_steps_gb'))}"
+                      f" GB in the steps, {result['peak_rss_gb']:.2f} GB in all; process wall {result['wall_s']:.0f} s",
+                      flush=True)
+            else:
+                print(f"=== {label}: FAILED ({result.get('error')}); going on with the other arms", flush=True)
+    elapsed = time.perf_counter() - started
+    write_results(out, {**meta, "elapsed_s": elapsed}, results)
+    print(f"\n{meta['machine']}, torch {meta['torch']}, TRL {trl_version}, {args.threads} threads; "
+          f"student {desc['student']}, teacher {desc['teacher']}; {elapsed:.0f} s in all\n")
+    print(markdown(results, args.esr_n))
+    print(f"results: {out} (and {out.with_suffix('.md')})")
+    if any(r["result"].get("status") != "ok" for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
