@@ -124,7 +124,9 @@ def main() -> None:
         return go
 
     # Warm-up: one short step so that one-time costs (allocator, thread pools) hit no arm.
-    run_step(s, load_config(base, common + ["rollout.n=8", "rollout.max_new_tokens=8"]), 0)
+    #  run_step plans the horizon with the session's policy, so the warm-up gets a session with its own (8 tokens).
+    warm_cfg = load_config(base, common + ["rollout.n=8", "rollout.max_new_tokens=8"])
+    run_step(dataclasses.replace(s, policy=make_policy(warm_cfg.rollout)), warm_cfg, 0)
     results = {
         f"esr ESR N={args.n}": timed(esr_step(s, cfg_esr, 1)),
         f"floor N={args.n}": timed(lambda: floor_step(s, prompts(1), args.n, 1)),

@@ -179,7 +179,7 @@ def esr_overrides(args: argparse.Namespace, tokens: int, batch: int, horizon: in
     """esr config overrides for an arm generating exactly `tokens` new tokens per rollout. `horizon` (default
     `tokens`) is what the horizon policy plans: the warm-up step may be shorter than the timed ones."""
     n = horizon or tokens
-    common = [f"train.batch_size={batch}", f"train.micro_batch_size={batch}", "train.steps=1000"]
+    common = [f"train.batch_size={batch}", f"train.micro_batch_size={min(batch, args.micro_batch)}", "train.steps=1000"]
     if tokens == args.esr_n:  # ESR: the horizon cuts every rollout at N; min_new_tokens makes it exactly N
         return common + ["rollout.horizon=esr", f"rollout.n={n}", f"rollout.min_new_tokens={tokens}",
                          f"rollout.max_new_tokens={max(tokens, *args.tokens)}"]
@@ -368,6 +368,9 @@ def main() -> None:
                     help="real: the config's student and teacher (default); tiny: tiny random models (a check)")
     ap.add_argument("--config", default="configs/quickstart.yaml", help="esr config giving models and settings")
     ap.add_argument("--tokens", type=int, nargs="+", default=[100, 400], help="new tokens per rollout (each a run)")
+    ap.add_argument("--micro-batch", type=int, default=1,
+                    help="esr's train.micro_batch_size (rows per training forward/backward; the quickstart's 1 keeps "
+                         "peak memory lowest; sampling always takes the whole batch at once)")
     ap.add_argument("--esr-n", type=int, default=100, help="the token count at which esr's arm is ESR (else full)")
     ap.add_argument("--batch", type=int, nargs="+", default=[4], help="batch sizes of the esr arm")
     ap.add_argument("--trl-batch", type=int, nargs="+", default=[4],

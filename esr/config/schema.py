@@ -155,7 +155,9 @@ class TrainConfig:
     batch_size: int = 16
     """Prompts per step, one rollout each (paper: 16)."""
     micro_batch_size: int = 4
-    """Sequences per forward/backward; the loss does not depend on it."""
+    """Sequences per training forward/backward (sampling always takes the whole batch); the loss does not depend on
+    it. On a CPU 1 is both the leanest and the fastest (no left-padding to the longest prompt; BENCHMARKS.md: the
+    quickstart step 38.4 s at 10.5 GB peak with 1, 41.0 s at 13.8 GB with 4); on a GPU raise it to fill the device."""
     finetune: Finetune = "lora"
     """`lora` (adapters on all linear layers) or `full`."""
     lr: float = 5e-5

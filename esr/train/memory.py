@@ -7,9 +7,9 @@ largest one. ``release_freed_memory`` calls ``malloc_trim(0)`` at the phase boun
 teacher's pass, after each micro-batch's backward, after the optimizer step): the freed pages go back to the kernel
 and the next phase starts from the live tensors only.
 
-Measured on the quickstart pair (``benchmarks/vs_trl.py``, BENCHMARKS.md): with ``train.micro_batch_size=1`` the
-step's peak RSS fell from 10.8 GB to 10.3 GB at the same step time (the trim itself takes a few milliseconds; what
-it costs is the page faults of re-touching returned pages, which the measurement includes).
+Measured on the quickstart pair, batch 4, ``train.micro_batch_size=1``, per-phase RSS read from /proc (the
+profile behind BENCHMARKS.md's vs-TRL section): the step's peak RSS fell from 10.82 GB to 10.28 GB, with the step
+time unchanged within noise; each trim takes milliseconds, the cost is the page faults of re-touching returned pages.
 
 Only glibc has ``malloc_trim``; elsewhere (musl, macOS) and on GPU tensors this is a no-op.
 """
