@@ -174,9 +174,7 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     t0 = time.perf_counter()
     rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step, row_ids=rows, pad_to=pad_to)
     seconds_generate = time.perf_counter() - t0
-    cpu = s.device.type == "cpu"  # CPU: hand freed heap pages back between phases (esr/train/memory.py)
-    if cpu:
-        release_freed_memory()
+    release_freed_memory(s.device)  # CPU: hand freed heap pages back between phases (esr/train/memory.py)
 
     # 2. Another tokenizer? Re-render the rollouts for the teacher and align the two tokenizations.
     cross, seconds_align = None, 0.0
@@ -204,25 +202,13 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     loss, kl_sum = 0.0, 0.0
     for a in range(0, len(rollouts), cfg.train.micro_batch_size):
         out = _micro_batch(s, cfg, rollouts, cross, selection, a)
-        if cpu:
-            release_freed_memory()
+        release_freed_memory(s.device)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
     # 5. Optimizer step, unless the loss or the gradient is not finite.
-    #    Several processes: sum their gradients first (each is its rows' share of the batch mean).
-    trainable = [p for p in s.student.parameters() if p.requires_grad]
-    finite = sync_gradients(trainable, math.isfinite(loss))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
-    skipped = not (finite and math.isfinite(grad_norm))
-    if not skipped:
-        s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    if cpu:
-        release_freed_memory()
-    lr = s.scheduler.get_last_lr()[0]
-    s.scheduler.step()
+    grad_norm, skipped, lr = _optimizer_step(s, cfg, loss)
 
     lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
     flops_generate, flops_score, flops_train = _flops(s, rollouts, cross, scores)
@@ -235,6 +221,23 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
     ))
+
+
+def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, float]:
+    """Clip and apply the accumulated gradients unless the loss or the gradient norm is not finite; advance the
+    schedule. Several processes: their gradients are summed first (each is its rows' share of the batch mean).
+    Returns (grad_norm, skipped, the learning rate used)."""
+    trainable = [p for p in s.student.parameters() if p.requires_grad]
+    finite = sync_gradients(trainable, math.isfinite(loss))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
+    skipped = not (finite and math.isfinite(grad_norm))
+    if not skipped:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    release_freed_memory(s.device)
+    lr = s.scheduler.get_last_lr()[0]
+    s.scheduler.step()
+    return grad_norm, skipped, lr
 
 
 @contextmanager

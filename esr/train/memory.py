@@ -21,6 +21,8 @@ import ctypes.util
 import functools
 import sys
 
+import torch
+
 
 @functools.cache
 def _malloc_trim() -> ctypes._CFuncPtr | None:
@@ -35,7 +37,8 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:
     return trim
 
 
-def release_freed_memory() -> bool:
-    """Return the heap's free pages to the kernel (glibc ``malloc_trim(0)``); True when something was released."""
+def release_freed_memory(device: torch.device | str = "cpu") -> bool:
+    """Return the heap's free pages to the kernel (glibc ``malloc_trim(0)``) when ``device`` is the CPU; True when
+    something was released (a GPU's tensors are not on this heap: no-op)."""
     trim = _malloc_trim()
-    return bool(trim(0)) if trim is not None else False
+    return bool(trim(0)) if trim is not None and torch.device(device).type == "cpu" else False

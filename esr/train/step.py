@@ -88,16 +88,13 @@ def distill_micro_batch(
     ``vocab_map`` whose shared columns both distributions are restricted, and renormalised, to).
     """
     device = next(student.parameters()).device
-    on_cpu = device.type == "cpu"
     if teacher_hidden_B_R_H is None:
         teacher_hidden_B_R_H = scorer.score(rollouts)
-        if on_cpu:  # the teacher's activations (esr/train/memory.py)
-            release_freed_memory()
+        release_freed_memory(device)  # the teacher's activations (esr/train/memory.py)
     if vocab_map is not None:
         vocab_map = vocab_map.to(device)
     student_hidden_B_R_H = response_hidden(student, rollouts)
-    if on_cpu:  # the forward's temporaries; what backward needs stays
-        release_freed_memory()
+    release_freed_memory(device)  # the forward's temporaries; what backward needs stays
     leaf_B_R_H = student_hidden_B_R_H.detach().requires_grad_(True)
     tokens_B_R = rollouts.response_ids_B_R.to(device)
     select_B_R = select_B_R.to(device)

@@ -39,3 +39,8 @@ def test_trim_returns_freed_heap_pages() -> None:
 def test_second_call_is_harmless() -> None:
     release_freed_memory()
     assert release_freed_memory() in (True, False)
+
+
+def test_gpu_device_is_a_no_op() -> None:
+    assert release_freed_memory("cuda") is False
+    assert release_freed_memory("meta") is False
