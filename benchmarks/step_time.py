@@ -54,33 +54,48 @@ class PeakRSS:
         return self.peak / 1e9
 
 
-def floor_step(s: Session, prompts: list[tuple[int, ...]], new_tokens: int, seed: int) -> dict[str, float]:
-    """The same work with plain library calls only (no esr code paths except reading prompts)."""
+def floor_step(s: Session, prompts: list[tuple[int, ...]], new_tokens: int, seed: int,
+               micro: int | None = None) -> dict[str, float]:
+    """The same work with plain library calls only (no esr code paths except reading prompts), on the student's
+    device; on CUDA each phase ends with a synchronise before its clock is read. ``micro``: rows per teacher and
+    student pass (gradients accumulate; default the whole batch)."""
     student, teacher = s.student, s.teacher
+    device = next(student.parameters()).device
     pad = s.sampler.pad_token_id
-    ids_B_P, mask_B_P = left_pad(prompts, pad)
+    ids_B_P, mask_B_P = (t.to(device) for t in left_pad(prompts, pad))
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
+    t0 = clock()
     student.eval()
     with torch.no_grad():
         out_B_L = student.generate(input_ids=ids_B_P, attention_mask=mask_B_P, do_sample=True, temperature=0.7,
                                    top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
     student.train()
-    t_gen = time.perf_counter() - t0
+    t_gen = clock() - t0
     attn_B_L = torch.cat([mask_B_P, torch.ones_like(out_B_L[:, ids_B_P.shape[1]:])], dim=1)
-    P = ids_B_P.shape[1]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        t_logits = teacher(input_ids=out_B_L, attention_mask=attn_B_L).logits[:, P - 1 : -1].float()
-    t_score = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s_logits = student(input_ids=out_B_L, attention_mask=attn_B_L).logits[:, P - 1 : -1].float()
-    logp_s = torch.log_softmax(s_logits, -1)
-    kl = (logp_s.exp() * (logp_s - torch.log_softmax(t_logits, -1))).sum(-1).mean()
-    kl.backward()
+    P, B = ids_B_P.shape[1], out_B_L.shape[0]
+    t_score = t_train = 0.0
+    for a in range(0, B, micro or B):  # micro-batches only where full logits of the whole batch do not fit
+        ids, attn = out_B_L[a : a + (micro or B)], attn_B_L[a : a + (micro or B)]
+        t0 = clock()
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=attn).logits[:, P - 1 : -1].float()
+        t1 = clock()
+        s_logits = student(input_ids=ids, attention_mask=attn).logits[:, P - 1 : -1].float()
+        logp_s = torch.log_softmax(s_logits, -1)
+        kl = (logp_s.exp() * (logp_s - torch.log_softmax(t_logits, -1))).sum(-1).mean() * ids.shape[0] / B
+        kl.backward()
+        del t_logits, s_logits, logp_s, kl
+        t_score, t_train = t_score + t1 - t0, t_train + clock() - t1
+    t0 = clock()
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
-    t_train = time.perf_counter() - t0
+    t_train += clock() - t0
     return {"generate": t_gen, "score": t_score, "train": t_train}
 
 

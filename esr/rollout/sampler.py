@@ -108,14 +108,28 @@ class RowSampling(LogitsProcessor):
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
             + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
         self.generators = [torch.Generator().manual_seed(row_seed(seed, r)) for r in row_ids]
+        self.u_B_K: torch.Tensor | None = None
+        self.k = 0
+
+    def _uniforms(self, device: torch.device) -> torch.Tensor:
+        """This step's u_{b,t}, (B, 1) on ``device``. Each row's stream is drawn BLOCK values at a time (CPU
+        generators fill a tensor serially, so the t-th value is the same as drawing one at a time) and copied to
+        the device once per block: on a GPU a host-to-device copy every token would stall every step."""
+        if self.u_B_K is None or self.k == self.u_B_K.shape[1]:
+            self.u_B_K = torch.stack([torch.rand((self.BLOCK,), generator=g, dtype=torch.float64)
+                                      for g in self.generators]).to(device)
+            self.k = 0
+        self.k += 1
+        return self.u_B_K[:, self.k - 1 : self.k]
+
+    BLOCK = 64
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s_B_V = self.warpers(input_ids, scores.float())
         if s_B_V.shape[0] != len(self.generators):
             raise ValueError(f"RowSampling got {s_B_V.shape[0]} rows for {len(self.generators)} row streams")
         cdf_B_V = torch.softmax(s_B_V, dim=-1).double().cumsum(dim=-1)
-        u_B1 = torch.stack([torch.rand((1,), generator=g, dtype=torch.float64) for g in self.generators])
-        x_B1 = u_B1.to(cdf_B_V.device) * cdf_B_V[:, -1:]
+        x_B1 = self._uniforms(cdf_B_V.device) * cdf_B_V[:, -1:]
         token_B1 = torch.searchsorted(cdf_B_V, x_B1, right=True).clamp(max=s_B_V.shape[1] - 1)
         return torch.full_like(s_B_V, float("-inf")).scatter_(1, token_B1, 0.0)
 

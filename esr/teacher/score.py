@@ -36,6 +36,7 @@ class TeacherScorer:
         """Teacher hidden states at response-predicting positions, (B, R, H), for rows of ``rollouts``."""
         t0 = time.perf_counter()
         hidden = response_hidden(self.model, rollouts)
+        _finish(hidden)
         self.seconds += time.perf_counter() - t0
         return hidden
 
@@ -53,5 +54,13 @@ class TeacherScorer:
         """Teacher float32 logits (B, T, V) for a chunk of positions."""
         t0 = time.perf_counter()
         out = head_logits(self.model, hidden_B_T_H, self.vocab_size)
+        _finish(out)
         self.seconds += time.perf_counter() - t0
         return out
+
+
+def _finish(t: torch.Tensor) -> None:
+    """On CUDA, wait for the kernels that made ``t``: the scorer's clock then bills the teacher's work to scoring,
+    not to whatever synchronises next (the student's loss). A no-op on the CPU, where work is already done."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)

@@ -119,3 +119,19 @@ def test_min_new_tokens_blocks_eos_and_temperature_zero_is_greedy(student):
     a, b = greedy.sample(prompts, 5, seed=0), greedy.sample(prompts, 5, seed=99)
     assert torch.equal(a.response_ids_B_R, b.response_ids_B_R)
     assert int(a.response_ids_B_R[0, 0]) == favourite
+
+
+def test_uniforms_drawn_in_blocks_are_the_streams_one_at_a_time():
+    """RowSampling draws each row's uniforms BLOCK at a time (one host-to-device copy per block); across block
+    boundaries the t-th token must still be the inverse-CDF pick of the stream's t-th uniform drawn alone."""
+    V, steps = 50, 2 * RowSampling.BLOCK + 5
+    sampler = RowSampling(0.7, 1.0, seed=9, row_ids=[4, 1])
+    gens = [torch.Generator().manual_seed(row_seed(9, r)) for r in (4, 1)]
+    ids = torch.zeros((2, 1), dtype=torch.long)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        scores = torch.randn(2, V, generator=rng)
+        cdf = torch.softmax(scores / 0.7, -1).double().cumsum(-1)
+        u = torch.cat([torch.rand((1,), generator=g, dtype=torch.float64) for g in gens])
+        expected = [int(torch.searchsorted(cdf[b], u[b : b + 1] * cdf[b, -1], right=True)) for b in range(2)]
+        assert sampler(ids, scores).argmax(1).tolist() == expected

@@ -1,0 +1,243 @@
+"""ESR on a GPU at the paper's scale: one training step of esr vs full rollout vs the raw floor, random weights.
+
+The paper's efficiency table (PAPERS.md: one A6000 48 GB, bf16, batch 16, Qwen2.5-Math-1.5B student with LoRA r=32,
+Qwen3-1.7B teacher) gives 8 s per ESR step (N=100) and 194 s per full-rollout step (~1000 tokens). This script runs
+the same shapes through esr's own training step (``esr.train.loop.run_step``) on whatever GPU it finds:
+
+- student: Qwen2.5-Math-1.5B's architecture (qwen2, 28 layers, hidden 1536, 12/2 heads), LoRA r=32 alpha 64 on all
+  linear layers; teacher: Qwen3-1.7B's (qwen3, 28 layers, hidden 2048, 16/8 heads); both with random weights, written
+  once as ordinary model folders (config + safetensors + the Qwen tokenizer) and loaded through esr's folder path.
+  Weights cannot reach a GPU machine without a hub, and speed does not depend on their values: every rollout is
+  forced to exactly N (or T) tokens by ``min_new_tokens``, so the work is the same as with trained weights.
+- prompts: GSM8K train questions (a JSONL file), rendered with the Qwen chat template.
+- arms, in one process: esr ESR N=100 (several steps), the raw floor for the same work (plain ``generate`` with HF
+  sampling + a plain teacher forward + a plain student forward/backward on full logits + AdamW), esr full rollout at
+  T=1024 and its floor, then esr ESR at larger batches (per-sample cost).
+
+    python benchmarks/gpu_step.py --export-tokenizer .carry/qwen-tokenizer   # here: the tokenizer, from the zoo
+    python benchmarks/gpu_step.py --tokenizer .carry/qwen-tokenizer --data .carry/gsm8k-train.jsonl --json out.json
+    python benchmarks/gpu_step.py --tiny --device cpu ...                       # 2-layer models: checks the script
+
+Phase times are esr's own (``StepMetrics``); on CUDA the scorer synchronises before reading its clock, so the
+teacher's time is not billed to training. Peak memory is ``torch.cuda.max_memory_allocated`` over each arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import floor_step  # noqa: E402
+
+from esr.config import load_config  # noqa: E402
+from esr.rollout.policies import make_policy  # noqa: E402
+from esr.rollout.sampler import HFSampler  # noqa: E402
+from esr.train.loop import run_step  # noqa: E402
+from esr.train.session import Session, batch_indices, build_session  # noqa: E402
+
+QWEN_VOCAB = 151936
+STUDENT = dict(  # Qwen2.5-Math-1.5B (its config.json)
+    model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, vocab_size=QWEN_VOCAB,
+)
+TEACHER = dict(  # Qwen3-1.7B (its config.json)
+    model_type="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, vocab_size=QWEN_VOCAB,
+)
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=64)
+
+
+def export_tokenizer(folder: str) -> None:
+    """Save the Qwen2.5 tokenizer (chat template included) of the zoo's quickstart student to ``folder``."""
+    from esr.models.load import load_tokenizer
+
+    load_tokenizer("qwen2.5-coder-0.5b-instruct").save_pretrained(folder)
+    print(f"tokenizer written to {folder}")
+
+
+def write_random_model(arch: dict, tokenizer_dir: str, folder: Path, device: torch.device, dtype: torch.dtype,
+                       seed: int) -> None:
+    """An ordinary HF model folder with ``arch``'s shapes and seeded random weights (initialised on ``device``)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(**arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def arm(device: torch.device, fn) -> dict[str, float]:
+    """Run ``fn`` (returns its phase seconds), adding the total wall time and the arm's peak device memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    phases = fn()
+    sync(device)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return {**phases, "total": sum(phases.values()), "wall": wall, "peak_gb": peak}
+
+
+def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    out = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
+    out["peak_gb"] = max(r["peak_gb"] for r in runs)
+    out["runs"] = len(runs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export-tokenizer", metavar="DIR", help="write the Qwen tokenizer to DIR and exit")
+    ap.add_argument("--tokenizer", help="folder with the Qwen tokenizer (from --export-tokenizer)")
+    ap.add_argument("--data", help="GSM8K-format JSONL of prompts")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="2-layer models: checks the script, not a benchmark")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--micro", type=int, default=16, help="esr's train.micro_batch_size (at most the batch)")
+    ap.add_argument("--esr-steps", type=int, default=3)
+    ap.add_argument("--sweep", type=int, nargs="*", default=[32, 64], help="more ESR batch sizes (per-sample cost)")
+    ap.add_argument("--skip-full", action="store_true", help="leave out the two T arms")
+    ap.add_argument("--floor-micro", type=int, default=4,
+                    help="rows per pass of the T floor (its full B x T x V float logits do not fit at once)")
+    ap.add_argument("--json", help="write the figures to this file")
+    args = ap.parse_args()
+    if args.export_tokenizer:
+        export_tokenizer(args.export_tokenizer)
+        return
+    if not (args.tokenizer and args.data):
+        ap.error("--tokenizer and --data are needed (see --export-tokenizer)")
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    work = Path(tempfile.mkdtemp(prefix="esr-gpu-step-"))
+    t0 = time.perf_counter()
+    for name, arch, seed in (("student", STUDENT, 1), ("teacher", TEACHER, 2)):
+        write_random_model({**arch, **(TINY if args.tiny else {})}, args.tokenizer, work / name, device, dtype, seed)
+    seconds_write = time.perf_counter() - t0
+    print(f"random models written to {work} in {seconds_write:.1f} s", flush=True)
+
+    common = [f"student.name={work / 'student'}", f"teacher.name={work / 'teacher'}", "data.source=gsm8k",
+              f"data.path={args.data}", "data.limit=2000", f"train.device={args.device}", "train.steps=1000",
+              "train.lr=5.0e-5", "lora.r=32", "lora.alpha=64", "rollout.temperature=0.7", "loss.kind=reverse_kl"]
+
+    def cfg_for(batch: int, horizon: str, tokens: int):
+        shape = [f"train.batch_size={batch}", f"train.micro_batch_size={min(batch, args.micro)}"]
+        if horizon == "esr":
+            return load_config("configs/quickstart.yaml", common + shape + [
+                "rollout.horizon=esr", f"rollout.n={tokens}", f"rollout.min_new_tokens={tokens}",
+                f"rollout.max_new_tokens={max(tokens, args.T)}"])
+        return load_config("configs/quickstart.yaml", common + shape + [
+            "rollout.horizon=full", f"rollout.max_new_tokens={tokens}", f"rollout.min_new_tokens={tokens}"])
+
+    cfg_esr = cfg_for(args.batch, "esr", args.n)
+    t0 = time.perf_counter()
+    s = build_session(cfg_esr)
+    seconds_load = time.perf_counter() - t0
+    print(f"session built in {seconds_load:.1f} s: {s.info['student_params'] / 1e9:.2f} B student params "
+          f"({s.info['trainable_params'] / 1e6:.1f} M trainable), {s.info['teacher_params'] / 1e9:.2f} B teacher, "
+          f"{s.info['dtype']} on {s.info['device']}", flush=True)
+
+    def with_tokens(sess: Session, cfg, tokens: int) -> Session:
+        sampler = HFSampler(s.student, eos_token_ids=s.sampler.eos_token_ids, pad_token_id=s.sampler.pad_token_id,
+                            temperature=0.7, min_new_tokens=tokens)
+        return dataclasses.replace(sess, policy=make_policy(cfg.rollout), sampler=sampler)
+
+    def esr_step(sess: Session, cfg, step: int):
+        def go():
+            s.scorer.seconds = 0.0
+            m = run_step(sess, cfg, step)
+            return {"generate": m.seconds_generate, "score": m.seconds_score, "train": m.seconds_train}
+        return go
+
+    def prompts(batch: int, step: int) -> list[tuple[int, ...]]:
+        return [s.prompt_ids[i] for i in batch_indices(len(s.prompt_ids), batch, step, cfg_esr.seed)]
+
+    # Warm-up: one short step (8 tokens) so CUDA context, cuBLAS handles and kernels' first launches hit no arm.
+    warm = cfg_for(args.batch, "esr", 8)
+    run_step(with_tokens(s, warm, 8), warm, 0)
+    floor_step(s, prompts(args.batch, 0), 8, 0)
+
+    results: dict[str, dict[str, float]] = {}
+
+    def record(name: str, r: dict[str, float]) -> None:  # each arm is saved as it ends: a cut-off run keeps them
+        results[name] = r
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"results": results}, indent=2))
+
+    step = 1
+    runs = []
+    for _ in range(args.esr_steps):
+        runs.append(arm(device, esr_step(s, cfg_esr, step)))
+        step += 1
+    record(f"esr ESR N={args.n}, batch {args.batch}", mean_of(runs))
+    record(f"floor N={args.n}, batch {args.batch}",
+           arm(device, lambda: floor_step(s, prompts(args.batch, 1), args.n, 1)))
+    for b in args.sweep:
+        cfg_b = cfg_for(b, "esr", args.n)
+        record(f"esr ESR N={args.n}, batch {b}", arm(device, esr_step(s, cfg_b, step)))
+        step += 1
+    if not args.skip_full:  # last: the longest arms
+        cfg_full = cfg_for(args.batch, "full", args.T)
+        record(f"esr full T={args.T}, batch {args.batch}",
+               arm(device, esr_step(with_tokens(s, cfg_full, args.T), cfg_full, step)))
+        record(f"floor T={args.T}, batch {args.batch}",
+               arm(device, lambda: floor_step(s, prompts(args.batch, 2), args.T, 2, micro=args.floor_micro)))
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    smi = ""
+    if device.type == "cuda":
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    env = {"device": gpu, "nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "transformers": transformers.__version__, "python": platform.python_version(), "dtype": str(dtype),
+           "seconds_write_models": seconds_write, "seconds_build_session": seconds_load, "tiny": args.tiny}
+    print(f"\n{gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+          f"{dtype}")
+    print(f"{'arm':<30}{'generate':>10}{'score':>8}{'train':>8}{'total':>8}{'wall':>8}{'s/sample':>10}{'peak':>9}")
+    for name, r in results.items():
+        b = int(name.rsplit("batch ", 1)[1])
+        print(f"{name:<30}{r['generate']:>10.2f}{r['score']:>8.2f}{r['train']:>8.2f}{r['total']:>8.2f}"
+              f"{r['wall']:>8.2f}{r['wall'] / b:>10.3f}{r['peak_gb']:>8.1f}G")
+    esr_n = results[f"esr ESR N={args.n}, batch {args.batch}"]
+    ratios = {"esr ESR / floor": esr_n["wall"] / results[f"floor N={args.n}, batch {args.batch}"]["wall"]}
+    if not args.skip_full:
+        esr_t, floor_t = (results[f"{a} T={args.T}, batch {args.batch}"] for a in ("esr full", "floor"))
+        ratios[f"full T={args.T} / ESR N={args.n} (paper: 24x)"] = esr_t["wall"] / esr_n["wall"]
+        ratios[f"esr full / floor T={args.T}"] = esr_t["wall"] / floor_t["wall"]
+    for k, v in ratios.items():
+        print(f"{k:<44}{v:>7.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "results": results, "ratios": ratios}, indent=2))
+        print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
