@@ -1,0 +1,181 @@
+"""The claims study's summary of one pair: numbers from each arm's run folder, as JSON, markdown tables and plots.
+
+Everything here is read back from files esr wrote (metrics.jsonl, eval/history.jsonl, the base student's step-0
+evaluation, analysis/cascade.json, modes/modes.json), so a summary can be rebuilt from a study folder at any time:
+
+    python studies/claims_summary.py studies/runs/quickstart --pair quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PHASES = ("generate", "score", "train", "align", "extrapolate")
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+    return rows
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(values) if values else None
+
+
+def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, Any]:
+    """One arm: training cost and KL, held-out accuracy over steps (step 0 = the base student), cascade drops."""
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    history = _jsonl(run_dir / "eval" / "history.jsonl")
+    cascade = _json(run_dir / "analysis" / "cascade.json")
+    k = min(3, len(metrics))
+    evals = ([{"step": 0, **{key: base_eval.get(key) for key in ("accuracy", "length_p50", "cut_share",
+                                                                  "multi_box_share", "repeated_4gram_share")}}]
+             if base_eval else [])
+    evals += [{key: h.get(key) for key in ("step", "accuracy", "length_p50", "cut_share", "multi_box_share",
+                                          "repeated_4gram_share", "collapse_warning")} for h in history]
+    return {
+        "steps": len(metrics),
+        "seconds_per_step": {p: _mean([m.get(f"seconds_{p}", 0.0) for m in metrics]) for p in PHASES},
+        "seconds_per_step_total": _mean([sum(m.get(f"seconds_{p}", 0.0) for p in PHASES) for m in metrics]),
+        "tflops_per_step": _mean([sum(m.get(f"flops_{p}", 0.0) for p in PHASES) / 1e12 for m in metrics]),
+        "horizon": [m["horizon"] for m in metrics],
+        "response_len_mean": _mean([m["response_len_mean"] for m in metrics]),
+        "cut_share": _mean([m["cut_share"] for m in metrics]),
+        "kl_first3": _mean([m["kl"] for m in metrics[:k]]),
+        "kl_last3": _mean([m["kl"] for m in metrics[len(metrics) - k:]]),
+        "kl": [m["kl"] for m in metrics],
+        "skipped_steps": sum(bool(m.get("skipped")) for m in metrics),
+        "evals": evals,
+        "best_accuracy": max((e["accuracy"] for e in evals if e["accuracy"] is not None), default=None),
+        "final_accuracy": evals[-1]["accuracy"] if evals else None,
+        "collapse_warnings": sum(bool(e.get("collapse_warning")) for e in evals),
+        "cascade": None if cascade is None else {
+            "n": cascade["n"], "drop_in_pct": cascade["drop_in_pct"], "drop_beyond_pct": cascade["drop_beyond_pct"],
+            "drop_beyond_pct_tokens": cascade["drop_beyond_pct_tokens"], "means": cascade["means"],
+            "before": cascade["before"], "after": cascade["after"]},
+    }
+
+
+def summarize_pair(out: Path, arms: list[str], pair: str) -> dict[str, Any]:
+    base_eval = _json(out / "base-eval" / "summary.json")
+    modes = _json(out / "modes" / "modes.json")
+    return {
+        "pair": pair,
+        "study": _json(out / "study.json"),
+        "base_eval": base_eval,
+        "teacher_eval": _json(out / "teacher-eval" / "summary.json"),
+        "arms": {a: arm_summary(out / a, base_eval) for a in arms if (out / a / "metrics.jsonl").is_file()},
+        "modes": modes,
+        "modes_markdown": (out / "modes" / "modes.md").read_text() if (out / "modes" / "modes.md").is_file() else None,
+    }
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    arms = summary["arms"]
+    steps = sorted({e["step"] for a in arms.values() for e in a["evals"]})
+    lines = [f"# Claims study, pair `{summary['pair']}`", ""]
+    if summary.get("teacher_eval"):
+        lines += [f"Teacher accuracy on the same problems: {_f(summary['teacher_eval']['accuracy'])}.", ""]
+    lines += ["Held-out accuracy (GSM8K test, greedy; step 0 is the base student):", "",
+              "| arm | " + " | ".join(f"step {s}" for s in steps) + " | best | train KL first 3 -> last 3 | "
+              "s/step | TFLOPs/step | mean response len | collapse warnings |",
+              "|---|" + "---:|" * (len(steps) + 6)]
+    for name, a in arms.items():
+        by_step = {e["step"]: e["accuracy"] for e in a["evals"]}
+        lines.append(f"| {name} | " + " | ".join(_f(by_step.get(s)) for s in steps)
+                     + f" | {_f(a['best_accuracy'])} | {_f(a['kl_first3'])} -> {_f(a['kl_last3'])} | "
+                     f"{_f(a['seconds_per_step_total'], '.1f')} | {_f(a['tflops_per_step'], '.1f')} | "
+                     f"{_f(a['response_len_mean'], '.0f')} | {a['collapse_warnings']} |")
+    lines += ["", "Time per step by phase (s):", "", "| arm | " + " | ".join(PHASES) + " |",
+              "|---|" + "---:|" * len(PHASES)]
+    for name, a in arms.items():
+        lines.append(f"| {name} | " + " | ".join(_f(a["seconds_per_step"][p], ".1f") for p in PHASES) + " |")
+    if any(a["cascade"] for a in arms.values()):
+        lines += ["", "Cascade: per-position KL to the teacher on held-out prompts, base vs trained student "
+                  "(position-weighted, the same window [0, N) for every arm; the paper saw 30-40% beyond N):", "",
+                  "| arm | window N | KL before -> after inside | drop inside | KL before -> after beyond | "
+                  "drop beyond | drop beyond (token-weighted) |", "|---|---:|---|---:|---|---:|---:|"]
+        for name, a in arms.items():
+            c = a["cascade"]
+            if c:
+                m = c["means"]
+                lines.append(f"| {name} | {c['n']} | {_f(m['before_in'])} -> {_f(m['after_in'])} | "
+                             f"{_f(c['drop_in_pct'], '.1f')}% | {_f(m['before_beyond'])} -> {_f(m['after_beyond'])}"
+                             f" | {_f(c['drop_beyond_pct'], '.1f')}% | {_f(c['drop_beyond_pct_tokens'], '.1f')}% |")
+    if summary.get("modes_markdown"):
+        lines += ["", summary["modes_markdown"].replace("# Modes", "## Modes")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Accuracy over steps, training KL over steps, and each arm's cascade (after / before per position)."""
+    arms = summary["arms"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, a in arms.items():
+        steps = [e["step"] for e in a["evals"] if e["accuracy"] is not None]
+        axes[0].plot(steps, [e["accuracy"] for e in a["evals"] if e["accuracy"] is not None], marker="o", label=name)
+        axes[1].plot(range(1, len(a["kl"]) + 1), a["kl"], label=name)
+        c = a["cascade"]
+        if c:
+            ratio = [(af / bf) if (af is not None and bf) else math.nan for af, bf in zip(c["after"], c["before"],
+                                                                                        strict=True)]
+            w = 16  # smooth: few rollouts are alive at late positions
+            smooth = [statistics.fmean(v for v in ratio[max(0, i - w):i + 1] if not math.isnan(v))
+                      if any(not math.isnan(v) for v in ratio[max(0, i - w):i + 1]) else math.nan
+                      for i in range(len(ratio))]
+            axes[2].plot(smooth, label=f"{name} (N={c['n']})")
+    axes[0].set(title="held-out accuracy (GSM8K test)", xlabel="step", ylabel="accuracy")
+    axes[1].set(title="training KL (own rollouts)", xlabel="step", ylabel="mean reverse KL per token")
+    axes[2].set(title="cascade: KL after / before, per position", xlabel="response position", ylabel="ratio")
+    axes[2].axhline(1.0, color="grey", lw=0.8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"claims study, pair {summary['pair']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(summary: dict[str, Any], results: Path, pair: str) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{pair}.json").write_text(json.dumps(summary, indent=1, default=str))
+    (results / f"{pair}.md").write_text(markdown(summary))
+    if summary["arms"]:
+        plot(summary, results / f"{pair}.png")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", help="a study folder (studies/runs/<pair>)")
+    ap.add_argument("--pair", required=True)
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    a = ap.parse_args()
+    study = _json(Path(a.study) / "study.json") or {}
+    write_summary(summarize_pair(Path(a.study), study.get("arms", []), a.pair), Path(a.results), a.pair)

@@ -1,0 +1,77 @@
+"""The claims study driver (studies/claims.py) on tiny random models: every arm trains, is evaluated and analysed,
+the summary reads back what the runs wrote, and a second invocation resumes instead of redoing anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
+
+pytestmark = pytest.mark.slow
+
+
+def _claims():
+    sys.path.insert(0, str(STUDIES))
+    spec = importlib.util.spec_from_file_location("claims", STUDIES / "claims.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gsm8k(path: Path, rows: int, offset: int) -> Path:
+    lines = [json.dumps({"question": f"Tom has {a} apples and buys {a + 3} more. How many apples does he have?",
+                         "answer": f"{a} + {a + 3} = <<{a}+{a + 3}={2 * a + 3}>>{2 * a + 3}\n#### {2 * a + 3}"})
+             for a in range(offset, offset + rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(needs_smollm2_package, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    argv = ["--pair", "tiny", "--steps", "2", "--batch", "2", "--n", "8", "--T", "16", "--eval-every", "1",
+            "--eval-limit", "2", "--eval-tokens", "8", "--eval-batch", "2", "--cascade-rollouts", "2",
+            "--arms", "esr-8", "full-16", "esr-8-effopd", "--out", str(tmp / "runs"), "--results", str(tmp / "res"),
+            "--train-data", str(_gsm8k(tmp / "train.jsonl", 40, 1)),
+            "--test-data", str(_gsm8k(tmp / "test.jsonl", 4, 100)), "--no-progress"]
+    claims = _claims()
+    return claims, argv, tmp, claims.main(argv)
+
+
+def test_every_arm_is_trained_evaluated_and_analysed(study):
+    _, _, tmp, summary = study
+    assert list(summary["arms"]) == ["esr-8", "full-16", "esr-8-effopd"]
+    esr, full = summary["arms"]["esr-8"], summary["arms"]["full-16"]
+    assert esr["steps"] == full["steps"] == 2
+    assert esr["horizon"] == [8, 8] and full["horizon"] == [16, 16]
+    assert [e["step"] for e in esr["evals"]] == [0, 1, 2]  # step 0 is the base student's evaluation
+    assert esr["evals"][0]["accuracy"] == summary["base_eval"]["accuracy"]
+    assert esr["cascade"]["n"] == full["cascade"]["n"] == 8  # one window for every arm
+    assert summary["arms"]["esr-8-effopd"]["seconds_per_step"]["extrapolate"] > 0
+    assert esr["seconds_per_step"]["extrapolate"] == 0
+    assert {r["name"] for r in summary["modes"]["rows"]} >= {"base student", "teacher", "esr-8/step-000002"}
+    for suffix in ("json", "md", "png"):
+        assert (tmp / "res" / f"tiny.{suffix}").stat().st_size > 0
+    md = (tmp / "res" / "tiny.md").read_text()
+    assert "| esr-8 |" in md and "| full-16 |" in md and "Cascade" in md
+
+
+def test_a_second_run_resumes_without_redoing_anything(study):
+    claims, argv, tmp, summary = study
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp / "runs").rglob("*") if p.is_file() and "study.json" not in p.name}
+    again = claims.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["arms"]["esr-8"]["kl"] == summary["arms"]["esr-8"]["kl"]
+
+
+def test_an_unknown_arm_is_named_with_the_arms_there_are(study, capsys):
+    claims, argv, _, _ = study
+    with pytest.raises(SystemExit):
+        i = argv.index("--arms")
+        claims.main([*argv[:i], "--arms", "esr-9", *argv[i + 4 :]])
+    assert "esr-9" in capsys.readouterr().err
