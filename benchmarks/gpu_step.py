@@ -103,6 +103,35 @@ def arm(device: torch.device, fn) -> dict[str, float]:
     return {**phases, "total": sum(phases.values()), "wall": wall, "peak_gb": peak}
 
 
+def sampler_costs(device: torch.device, batch: int, vocab: int = QWEN_VOCAB, iters: int = 50) -> dict[str, float]:
+    """Milliseconds per token step of esr's RowSampling and of its parts, against HF's own sampling (softmax +
+    multinomial), on (batch, vocab) logits: where esr's generation loses to the floor's on a GPU, if it is here."""
+    from esr.rollout.sampler import RowSampling
+
+    logits = torch.randn(batch, vocab, device=device)
+    ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+    row = RowSampling(0.7, 1.0, seed=0, row_ids=range(batch))
+    parts = {
+        "esr RowSampling (whole)": lambda: row(ids, logits),
+        "  softmax fp32 -> fp64": lambda: torch.softmax(logits / 0.7, -1).double(),
+        "  cumsum fp64": lambda: logits.double().cumsum(-1),
+        "  searchsorted fp64": lambda: torch.searchsorted(logits.double(), torch.zeros(batch, 1, device=device,
+                                                                                       dtype=torch.float64)),
+        "HF sampling (softmax + multinomial)": lambda: torch.multinomial(torch.softmax(logits / 0.7, -1), 1),
+    }
+    out = {}
+    for name, fn in parts.items():
+        for _ in range(5):
+            fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        out[name] = (time.perf_counter() - t0) / iters * 1e3
+    return out
+
+
 def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
     out = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
     out["peak_gb"] = max(r["peak_gb"] for r in runs)
@@ -185,6 +214,9 @@ def main() -> None:
     floor_step(s, prompts(args.batch, 0), 8, 0)
 
     results: dict[str, dict[str, float]] = {}
+    sampler_ms = sampler_costs(device, args.batch)
+    print("sampler, ms per token step: " + ", ".join(f"{k.strip()} {v:.3f}" for k, v in sampler_ms.items()),
+          flush=True)
 
     def record(name: str, r: dict[str, float]) -> None:  # each arm is saved as it ends: a cut-off run keeps them
         results[name] = r
@@ -218,7 +250,8 @@ def main() -> None:
                              capture_output=True, text=True).stdout.strip()
     env = {"device": gpu, "nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda,
            "transformers": transformers.__version__, "python": platform.python_version(), "dtype": str(dtype),
-           "seconds_write_models": seconds_write, "seconds_build_session": seconds_load, "tiny": args.tiny}
+           "seconds_write_models": seconds_write, "seconds_build_session": seconds_load, "tiny": args.tiny,
+           "sampler_ms_per_token": sampler_ms}
     print(f"\n{gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
           f"{dtype}")
     print(f"{'arm':<30}{'generate':>10}{'score':>8}{'train':>8}{'total':>8}{'wall':>8}{'s/sample':>10}{'peak':>9}")

@@ -181,6 +181,9 @@ class TrainConfig:
     deterministic: bool = False
     """Deterministic kernels (torch.use_deterministic_algorithms, fixed cuBLAS workspace) for bit-identical reruns
     on GPUs, at some speed cost. CPU runs with the same config and seed are identical without it."""
+    fsdp: bool = False
+    """Several processes (torchrun, accelerate launch): shard the decoder layers of the student and the teacher
+    over them (FSDP2, esr/train/fsdp.py) instead of each process holding both models whole."""
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,14 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def save_lora(model: PeftModel, folder: str | Path) -> None:
+def save_lora(model: PeftModel, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save only the adapter (and its config naming the base spec) so that `load_model(folder)` restores it.
 
     `save_embedding_layers=False`: peft's default ("auto") looks the base up on the hub to see whether the vocabulary
-    was resized, a network call that fails or stalls offline; esr never resizes the vocabulary.
+    was resized, a network call that fails or stalls offline; esr never resizes the vocabulary. `state_dict`: the
+    adapter's tensors when the model's own are sharded (named as in `model.named_parameters()`).
     """
-    model.save_pretrained(str(folder), save_embedding_layers=False)
+    model.save_pretrained(str(folder), save_embedding_layers=False, state_dict=state_dict)
 
 
 def merge_lora(model: PeftModel) -> PreTrainedModel:

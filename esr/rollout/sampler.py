@@ -147,8 +147,11 @@ class HFSampler:
         top_p: float = 1.0,
         min_new_tokens: int = 0,
         batch_size: int | None = None,
+        synced: bool = False,
     ) -> None:
         self.model = model
+        self.synced = synced
+        """``generate(synced_gpus=True)``: every process steps until all are done (sharded layers, esr.train.fsdp)."""
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.temperature = temperature
@@ -206,6 +209,7 @@ class HFSampler:
                 attention_mask=mask_B_P[start : start + chunk].to(device),
                 generation_config=gen_config,
                 logits_processor=processors,
+                synced_gpus=self.synced,
             )
             pieces.append(out_B_L[:, ids_B_P.shape[1] :].cpu())
         self.model.train(was_training)

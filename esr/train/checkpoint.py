@@ -31,6 +31,7 @@ from torch import nn
 
 from esr.config import Config, save_config
 from esr.models.lora import save_lora
+from esr.train.fsdp import is_sharded, shard_optimizer_state
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -77,9 +78,12 @@ def save_checkpoint(
     cfg: Config,
     state: dict[str, Any],
     extrapolator: Any = None,
+    full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write the checkpoint for ``step`` (the number of completed steps) atomically; return its folder.
-    ``extrapolator`` (an ``esr.optim.Extrapolator``) adds its theta_base and alpha."""
+    ``extrapolator`` (an ``esr.optim.Extrapolator``) adds its theta_base and alpha. ``full``: the weights and the
+    optimizer state gathered whole, when the model's are sharded (``esr.train.fsdp``); written as if unsharded."""
+    weights, optimizer_state = full if full is not None else (None, optimizer.state_dict())
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     try:
@@ -87,13 +91,13 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         if isinstance(model, PeftModel):
-            save_lora(model, tmp)
+            save_lora(model, tmp, state_dict=weights)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
             tokenizer.save_pretrained(tmp)
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -136,10 +140,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extrapolator: Any = None,
+    *,
+    weights: bool = True,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler, RNG (and the extrapolator's state) from ``folder``; return its
-    trainer_state.json."""
-    _load_weights(folder, model)
+    trainer_state.json. ``weights=False``: the caller loaded them already (before sharding, esr.train.fsdp); the
+    optimizer state is then cut to this process's shards."""
+    if weights:
+        load_weights(folder, model)
     state = json.loads((folder / "trainer_state.json").read_text())
     if extrapolator is not None:
         if not (folder / "extrapolator.safetensors").is_file() or "extrapolator" not in state:
@@ -153,7 +161,9 @@ def load_checkpoint(
             f"{folder / 'trainer_state.pt'} was refused: it holds more than tensors and plain data, or is damaged "
             f"({_torch_reason(e)}). esr did not write it; resume from an earlier checkpoint (remove {folder}) or "
             "start a new run") from e
-    optimizer.load_state_dict(blob["optimizer"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = any(is_sharded(p) for p in params)
+    optimizer.load_state_dict(shard_optimizer_state(blob["optimizer"], optimizer) if sharded else blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng_cpu"])
     if blob["rng_cuda"] and torch.cuda.is_available():
@@ -169,7 +179,8 @@ def _torch_reason(error: BaseException) -> str:
     return line.split(". ")[0][:300]
 
 
-def _load_weights(folder: Path, model: nn.Module) -> None:
+def load_weights(folder: Path, model: nn.Module) -> None:
+    """The checkpoint's weights into ``model`` (an unsharded one): the LoRA adapter, or every weight."""
     if isinstance(model, PeftModel):
         adapter = folder / "adapter_model.safetensors"
         if not adapter.is_file():

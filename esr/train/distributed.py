@@ -49,21 +49,9 @@ Launchers: torchrun and ``accelerate launch --multi_gpu`` set WORLD_SIZE / RANK 
 ``join`` reads them and starts the process group (gloo on CPU, nccl on GPU with each process on GPU LOCAL_RANK).
 A run that joins no group, or one process, takes the single-process path unchanged.
 
-FSDP: not supported. Every process holds the whole student (and teacher); accelerate's FSDP config
-(ACCELERATE_USE_FSDP) is refused with ``FSDP_STATUS``. What was tried (``benchmarks/fsdp_cpu_probe.py``: FSDP2
-``fully_shard`` on CPU/gloo, tiny student, torch 2.13, transformers 5.24): the model's own forward/backward and
-``generate`` run, but esr's step calls the decoder (``model.get_decoder()``) and the output head separately, never
-the root module's forward, so
-
-- ``fully_shard`` on the layers and the root fails in the decoder's embedding: "RuntimeError: aten.embedding.default
-  got mixed torch.Tensor and DTensor, need to convert all torch.Tensor to DTensor before calling distributed
-  operators!" (the root's parameters stay sharded: no root forward gathers them);
-- ``fully_shard`` on the layers and the decoder runs, but unties a tied output head (``lm_head.weight`` becomes a
-  parameter of its own) and the embedding's gradient misses the head's part: 4.3e-2 max relative error vs one
-  process (the layers' gradients are exact).
-
-Also unsolved for FSDP: generation must run the same number of forwards in every process (HF's ``synced_gpus``),
-checkpoints need the full state dict gathered, and evaluation on rank 0 alone would wait forever.
+FSDP: with ``train.fsdp=true`` the decoder layers of both models are sharded over the processes instead
+(``esr.train.fsdp``: FSDP2 on the layers only, since esr's step never calls the root module's forward; what runs
+and what is refused is there). Accelerate's own FSDP config (ACCELERATE_USE_FSDP) is refused with ``FSDP_STATUS``.
 """
 
 from __future__ import annotations
@@ -83,6 +71,7 @@ import torch.distributed as dist
 from torch import nn
 
 from esr.config import Config, ConfigError, LossConfig
+from esr.train.fsdp import check_fsdp, is_sharded
 from esr.train.metrics import MetricsLog, StepMetrics
 from esr.train.scores import Selection, TokenScores, select_for_step
 
@@ -94,9 +83,8 @@ TIMEOUT = timedelta(hours=2)
 BUCKET_ELEMENTS = 1 << 25
 """Gradient elements per all-reduce (32M: 128 MB in float32)."""
 
-FSDP_STATUS = ("esr does not support FSDP: its step runs the decoder and the output head separately, which FSDP2's "
-               "fully_shard either rejects (mixed torch.Tensor and DTensor) or gets wrong (a tied output head is "
-               "untied; see esr/train/distributed.py).")
+FSDP_STATUS = ("esr shards the models itself with train.fsdp=true (decoder layers only, esr/train/fsdp.py): "
+               "accelerate's FSDP plugin would shard the root module, whose forward esr's step never calls.")
 """Why accelerate's FSDP setting is refused (module docstring)."""
 
 
@@ -131,7 +119,8 @@ def check_config(cfg: Config, world: int) -> None:
                           "use train.device=auto or cuda (process k takes GPU LOCAL_RANK) or cpu")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
         raise ConfigError(f"accelerate's config asks for FSDP. {FSDP_STATUS} Launch without it (`accelerate "
-                          "launch --multi_gpu`, which also runs on CPUs): esr shards the batch, not the weights")
+                          "launch --multi_gpu`, which also runs on CPUs) and set train.fsdp=true")
+    check_fsdp(cfg, world)
 
 
 def join(cfg: Config, run_dir: Path) -> Path:
@@ -140,6 +129,7 @@ def join(cfg: Config, run_dir: Path) -> Path:
     One process: checks nothing and returns ``run_dir``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        check_fsdp(cfg, world)
         return run_dir
     check_config(cfg, world)
     if not dist.is_initialized():
@@ -262,6 +252,7 @@ def sync_gradients(params: Sequence[nn.Parameter], finite: bool) -> bool:
     if world_size() == 1:
         return finite
     device = _device()
+    params = [p for p in params if not is_sharded(p)]  # FSDP already summed the sharded layers' (fsdp.py)
     flags = torch.tensor([p.grad is not None for p in params] + [not finite], dtype=torch.float32, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     has_grad, any_nonfinite = flags[:-1].bool().tolist(), bool(flags[-1])
@@ -279,6 +270,33 @@ def sync_gradients(params: Sequence[nn.Parameter], finite: bool) -> bool:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
     return not any_nonfinite
+
+
+def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients so their global L2 norm is at most ``max_norm``; return the norm before clipping.
+
+        norm^2 = sum over whole parameters |g|^2  +  sum over processes of sum over shards |g_shard|^2
+
+    A whole (replicated) parameter counts once; a sharded one (FSDP) through its shards. Without shards this is
+    ``torch.nn.utils.clip_grad_norm_``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(is_sharded(g) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    # Per-tensor norms as torch computes them (in the gradient's dtype), so whole tensors round as in one process.
+    sq = torch.zeros((), dtype=torch.float64, device=_device())
+    whole = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        if is_sharded(g):
+            sq += float(torch.linalg.vector_norm(g.to_local())) ** 2
+        else:
+            whole += float(torch.linalg.vector_norm(g)) ** 2
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    norm = float((sq.cpu() + whole).sqrt())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            (g.to_local() if is_sharded(g) else g).mul_(scale)
+    return norm
 
 
 def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:

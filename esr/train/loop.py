@@ -23,12 +23,19 @@ from esr.config import Config, load_config, save_config
 from esr.losses import needed_scores
 from esr.optim import Extrapolator, make_extrapolator
 from esr.teacher.cross import CrossBatch
-from esr.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from esr.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from esr.train.cross_step import distill_aligned, distill_span
 from esr.train.distributed import (
     NullLog,
     agree,
     barrier,
+    clip_gradients,
     is_main,
     join,
     main_only,
@@ -38,6 +45,7 @@ from esr.train.distributed import (
     sync_gradients,
 )
 from esr.train.evaluation import PeriodicEval
+from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
 from esr.train.memory import release_freed_memory
 from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, peak_memory_gb, step_flops, truncate_jsonl
 from esr.train.progress import RunProgress
@@ -102,9 +110,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        tmp = run_dir / f".run.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(s.info, indent=2))
-        os.replace(tmp, run_dir / "run.json")
+        _write_run_json(run_dir, s.info)
     log = MetricsLog(run_dir) if is_main() else NullLog(run_dir)
     evals = PeriodicEval(cfg, run_dir)
     # EffOPD (optim.extrapolate): built from the initial weights, before a checkpoint replaces them.
@@ -115,8 +121,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     if resume:
         main_only(remove_partial_checkpoints, run_dir)
         ckpt = latest_checkpoint(run_dir)
+    if cfg.train.fsdp:  # the checkpoint's weights go in whole, then the layers are sharded (esr/train/fsdp.py)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator)
+            load_weights(ckpt, s.student)
+        s = shard_session(s, cfg)
+        main_only(_write_run_json, run_dir, s.info)  # now with what each process holds
+    if resume:
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator,
+                                    weights=not cfg.train.fsdp)
             start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         log.truncate_after(start)
         main_only(evals.truncate_after, start)
@@ -141,8 +154,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
             )
         # An evaluation step always gets a checkpoint, so the best one by eval.metric can be loaded.
         if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps or evals.due(step + 1):
+            full = _gather_sharded(s, cfg) if cfg.train.fsdp else None  # every process takes part
             ckpt = main_only(save_checkpoint, run_dir, step + 1, s.student, s.tokenizer, s.optimizer, s.scheduler,
-                             cfg, {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator)
+                             cfg, {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator, full)
         if evals.due(step + 1):
             row = main_only(evals.run, step + 1, s.student, s.tokenizer, ckpt)
             log.scalars("eval", step + 1, row)
@@ -150,6 +164,19 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     bar.close()
     log.close()
     return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
+
+
+def _write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
+    tmp = run_dir / f".run.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run_dir / "run.json")
+
+
+def _gather_sharded(s: Session, cfg: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """FSDP: the student's weights (LoRA: the adapter's) and the optimizer state, gathered whole for rank 0 to write
+    in the one-process format. A collective (esr/train/fsdp.py)."""
+    return (full_state_dict(s.student, trainable_only=cfg.train.finetune == "lora"),
+            full_optimizer_state(s.optimizer))
 
 
 def _use_deterministic_algorithms() -> None:
@@ -229,7 +256,7 @@ def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, 
     Returns (grad_norm, skipped, the learning rate used)."""
     trainable = [p for p in s.student.parameters() if p.requires_grad]
     finite = sync_gradients(trainable, math.isfinite(loss))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))
+    grad_norm = clip_gradients(trainable, cfg.train.max_grad_norm or math.inf)
     skipped = not (finite and math.isfinite(grad_norm))
     if not skipped:
         s.optimizer.step()

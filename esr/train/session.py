@@ -162,9 +162,7 @@ def build_session(cfg: Config) -> Session:
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the seed makes a run (and its resume) repeatable
     student = _make_trainable(student, cfg)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warmup = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+    optimizer, scheduler = make_optimizer(student, cfg)
     r = cfg.rollout
     sampler = HFSampler(
         student, eos_token_ids=eos_ids, pad_token_id=pad_id, temperature=r.temperature, top_p=r.top_p,
@@ -190,6 +188,16 @@ def build_session(cfg: Config) -> Session:
         prompt_ids=tokenized.ids, vocab_size=vocab_size, optimizer=optimizer, scheduler=scheduler, device=device,
         info=info,
     )
+
+
+def make_optimizer(student: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer,
+                                                              torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the student's trainable parameters, with a linear warm-up over ``train.warmup_steps``."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    warmup = cfg.train.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
 
 
 def _make_trainable(student: nn.Module, cfg: Config) -> nn.Module:

@@ -17,6 +17,7 @@ from esr.config import ConfigError, load_config
 from esr.models import load_model
 from esr.train import train
 from esr.train.distributed import check_config
+from esr.train.fsdp import check_fsdp
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -124,6 +125,51 @@ def test_cross_tokenizer(tmp_path):
     assert_same_run(one, two, 2, "adapter_model.safetensors")
 
 
+def test_fsdp_shards_the_layers_and_trains_what_one_process_trains(tmp_path):
+    """train.fsdp=true: each process holds half of every decoder layer; the adapter, the metrics and a resumed run
+    equal one unsharded process's (checkpoints keep the one-process format)."""
+    common = [*BASE, "train.steps=4", "train.checkpoint_every=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(SMOKE, common), one, progress=False)
+    done = torchrun(SMOKE, *common, "train.fsdp=true", "--out", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = assert_same_run(one, two, 4, "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    info = json.loads((two / "run.json").read_text())
+    model = load_model("tiny-student")[0]
+    layers = sum(p.numel() for p in model.model.layers.parameters())
+    whole = sum(p.numel() for p in model.parameters())  # LoRA adds a little on top of this
+    assert info["fsdp"]["processes"] == 2
+    assert whole - layers / 2 <= info["fsdp"]["student_params_here"] < whole  # half of every layer is elsewhere
+
+    shutil.rmtree(two / "checkpoints" / "step-000004")  # killed after step 3: resumes from step 2, sharded again
+    done = torchrun("--resume", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(one, two, 4, "adapter_model.safetensors")
+
+
+def test_fsdp_full_finetune(tmp_path):
+    """All weights trained: the sharded layers' gradients (reduce-scattered) and the whole embedding/head's
+    (all-reduced) together give one process's update; clipping sees the same global norm; top-kl selection's
+    scoring pass runs through the sharded models too, and so does gradient checkpointing's recompute."""
+    common = [*BASE, "train.steps=2", "train.finetune=full", "train.max_grad_norm=0.002", "loss.select=top-kl-n",
+              "loss.select_n=6", "train.gradient_checkpointing=true"]  # top-kl: a scoring pass of both models
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(SMOKE, common), one, progress=False)
+    done = torchrun(SMOKE, *common, "train.fsdp=true", "--out", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(r["grad_norm"] > 0.002 for r in metrics(one))  # the clip was active
+    assert_same_run(one, two, 2, "model.safetensors")
+
+
+def test_fsdp_refuses_what_it_cannot_run():
+    with pytest.raises(ConfigError, match="this run has one"):
+        check_fsdp(load_config(SMOKE, ["train.fsdp=true"]), 1)
+    with pytest.raises(ConfigError, match="eval.every, optim.extrapolate.enabled"):
+        check_config(load_config(SMOKE, ["train.fsdp=true", "eval.every=2", "optim.extrapolate.enabled=true"]), 2)
+    check_config(load_config(SMOKE, ["train.fsdp=true"]), 2)
+
+
 def test_what_several_processes_cannot_run_is_refused(tmp_path, monkeypatch):
     cfg = load_config(SMOKE, ["train.batch_size=6"])
     check_config(cfg, 2)
@@ -132,7 +178,7 @@ def test_what_several_processes_cannot_run_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="train.device=cuda:1 names one device"):
         check_config(load_config(SMOKE, ["train.device=cuda:1"]), 2)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="does not support FSDP"):
+    with pytest.raises(ConfigError, match="set train.fsdp=true"):
         check_config(cfg, 2)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     done = torchrun(SMOKE, "train.batch_size=3", "--out", str(tmp_path / "r"))  # from the command line
