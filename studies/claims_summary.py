@@ -51,10 +51,12 @@ def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, An
     cascade = _json(run_dir / "analysis" / "cascade.json")
     k = min(3, len(metrics))
     evals = ([{"step": 0, **{key: base_eval.get(key) for key in ("accuracy", "length_p50", "cut_share",
-                                                                  "multi_box_share", "repeated_4gram_share")}}]
+                                                                  "multi_box_share", "repeated_4gram_share",
+                                                                  "relaxed_accuracy")}}]
              if base_eval else [])
     evals += [{key: h.get(key) for key in ("step", "accuracy", "length_p50", "cut_share", "multi_box_share",
-                                          "repeated_4gram_share", "collapse_warning")} for h in history]
+                                          "repeated_4gram_share", "relaxed_accuracy", "collapse_warning")}
+              for h in history]
     return {
         "steps": len(metrics),
         "seconds_per_step": {p: _mean([m.get(f"seconds_{p}", 0.0) for m in metrics]) for p in PHASES},
@@ -103,15 +105,24 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary.get("teacher_eval"):
         lines += [f"Teacher accuracy on the same problems: {_f(summary['teacher_eval']['accuracy'])}.", ""]
     lines += ["Held-out accuracy (GSM8K test, greedy; step 0 is the base student):", "",
-              "| arm | " + " | ".join(f"step {s}" for s in steps) + " | best | train KL first 3 -> last 3 | "
-              "s/step | TFLOPs/step | mean response len | collapse warnings |",
-              "|---|" + "---:|" * (len(steps) + 6)]
+              "| arm | steps run | " + " | ".join(f"step {s}" for s in steps) + " | best | train KL first 3 -> "
+              "last 3 | s/step | TFLOPs/step | mean response len | collapse warnings |",
+              "|---|---:|" + "---:|" * (len(steps) + 6)]
     for name, a in arms.items():
         by_step = {e["step"]: e["accuracy"] for e in a["evals"]}
-        lines.append(f"| {name} | " + " | ".join(_f(by_step.get(s)) for s in steps)
+        lines.append(f"| {name} | {a['steps']} | " + " | ".join(_f(by_step.get(s)) for s in steps)
                      + f" | {_f(a['best_accuracy'])} | {_f(a['kl_first3'])} -> {_f(a['kl_last3'])} | "
                      f"{_f(a['seconds_per_step_total'], '.1f')} | {_f(a['tflops_per_step'], '.1f')} | "
                      f"{_f(a['response_len_mean'], '.0f')} | {a['collapse_warnings']} |")
+    lines += ["", "Each evaluation in detail (cut: share of answers that hit the token cap, so count as wrong; "
+              "relaxed: the gold answer anywhere in the text):", "",
+              "| arm | step | accuracy | relaxed | cut | median length | repeated 4-grams |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, a in arms.items():
+        for e in a["evals"]:
+            lines.append(f"| {name} | {e['step']} | {_f(e['accuracy'])} | {_f(e.get('relaxed_accuracy'))} | "
+                         f"{_f(e.get('cut_share'), '.2f')} | {_f(e.get('length_p50'), '.0f')} | "
+                         f"{_f(e.get('repeated_4gram_share'), '.3f')} |")
     lines += ["", "Time per step by phase (s):", "", "| arm | " + " | ".join(PHASES) + " |",
               "|---|" + "---:|" * len(PHASES)]
     for name, a in arms.items():
@@ -150,6 +161,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                       if any(not math.isnan(v) for v in ratio[max(0, i - w):i + 1]) else math.nan
                       for i in range(len(ratio))]
             axes[2].plot(smooth, label=f"{name} (N={c['n']})")
+            axes[2].axvline(c["n"], color="grey", ls=":", lw=0.8)
     axes[0].set(title="held-out accuracy (GSM8K test)", xlabel="step", ylabel="accuracy")
     axes[1].set(title="training KL (own rollouts)", xlabel="step", ylabel="mean reverse KL per token")
     axes[2].set(title="cascade: KL after / before, per position", xlabel="response position", ylabel="ratio")
@@ -157,6 +169,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if any(a["cascade"] for a in arms.values()):
+        axes[2].legend(fontsize=7)
     fig.suptitle(f"claims study, pair {summary['pair']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
