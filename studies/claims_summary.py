@@ -154,17 +154,19 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         axes[1].plot(range(1, len(a["kl"]) + 1), a["kl"], label=name)
         c = a["cascade"]
         if c:
-            ratio = [(af / bf) if (af is not None and bf) else math.nan for af, bf in zip(c["after"], c["before"],
-                                                                                        strict=True)]
-            w = 16  # smooth: few rollouts are alive at late positions
-            smooth = [statistics.fmean(v for v in ratio[max(0, i - w):i + 1] if not math.isnan(v))
-                      if any(not math.isnan(v) for v in ratio[max(0, i - w):i + 1]) else math.nan
-                      for i in range(len(ratio))]
+            w = 32  # ratio of window means: few rollouts are alive at late positions, where KL can be ~0
+            pairs = [(af, bf) for af, bf in zip(c["after"], c["before"], strict=True)]
+            smooth = []
+            for i in range(len(pairs)):
+                win = [(af, bf) for af, bf in pairs[max(0, i - w):i + 1] if af is not None and bf is not None]
+                b = sum(bf for _, bf in win)
+                smooth.append(sum(af for af, _ in win) / b if win and b > 0 else math.nan)
             axes[2].plot(smooth, label=f"{name} (N={c['n']})")
             axes[2].axvline(c["n"], color="grey", ls=":", lw=0.8)
     axes[0].set(title="held-out accuracy (GSM8K test)", xlabel="step", ylabel="accuracy")
     axes[1].set(title="training KL (own rollouts)", xlabel="step", ylabel="mean reverse KL per token")
-    axes[2].set(title="cascade: KL after / before, per position", xlabel="response position", ylabel="ratio")
+    axes[2].set(title="cascade: held-out KL after / before training", xlabel="response position",
+                ylabel="ratio of 32-position window means", ylim=(0, 2.5))
     axes[2].axhline(1.0, color="grey", lw=0.8)
     for ax in axes:
         ax.grid(alpha=0.3)
