@@ -17,6 +17,8 @@ from typing import Any
 
 import matplotlib
 
+from esr.report.collect import read_jsonl
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -24,15 +26,8 @@ PHASES = ("generate", "score", "train", "align", "extrapolate")
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
-    return rows
+    """The rows of a JSONL file (none when it is missing); a line torn by a killed run is skipped."""
+    return read_jsonl(path)[0] if path.is_file() else []
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -103,6 +103,9 @@ class RowSampling(LogitsProcessor):
     the draw. Rows are matched to ``row_ids`` by position: (B,) must equal len(row_ids) at every step.
     """
 
+    BLOCK = 64
+    """Uniforms drawn (and copied to the device) per row at a time."""
+
     def __init__(self, temperature: float, top_p: float, seed: int, row_ids: Sequence[int]) -> None:
         self.warpers = LogitsProcessorList(
             ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
@@ -121,8 +124,6 @@ class RowSampling(LogitsProcessor):
             self.k = 0
         self.k += 1
         return self.u_B_K[:, self.k - 1 : self.k]
-
-    BLOCK = 64
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s_B_V = self.warpers(input_ids, scores.float())

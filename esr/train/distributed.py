@@ -282,16 +282,16 @@ def clip_gradients(params: Sequence[nn.Parameter], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not any(is_sharded(g) for g in grads):
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    # Per-tensor norms as torch computes them (in the gradient's dtype), so whole tensors round as in one process.
-    sq = torch.zeros((), dtype=torch.float64, device=_device())
-    whole = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        if is_sharded(g):
-            sq += float(torch.linalg.vector_norm(g.to_local())) ** 2
-        else:
-            whole += float(torch.linalg.vector_norm(g)) ** 2
+    # Per-tensor norms as torch computes them (in the gradient's dtype), so whole tensors round as in one process;
+    # summed on the device, one host sync for the lot.
+    def sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64, device=_device())
+        return torch.stack([torch.linalg.vector_norm(t).double().to(_device()) for t in tensors]).pow(2).sum()
+
+    sq = sum_sq([g.to_local() for g in grads if is_sharded(g)])
     dist.all_reduce(sq, op=dist.ReduceOp.SUM)
-    norm = float((sq.cpu() + whole).sqrt())
+    norm = float((sq + sum_sq([g for g in grads if not is_sharded(g)])).sqrt())
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:
         for g in grads:

@@ -117,23 +117,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     extrapolator = make_extrapolator(s, cfg, run_dir) if cfg.optim.extrapolate.enabled else None
     events_path = run_dir / "extrapolate" / "events.jsonl"
 
-    start, ckpt, nonfinite_in_a_row = 0, None, 0
-    if resume:
-        main_only(remove_partial_checkpoints, run_dir)
-        ckpt = latest_checkpoint(run_dir)
-    if cfg.train.fsdp:  # the checkpoint's weights go in whole, then the layers are sharded (esr/train/fsdp.py)
-        if ckpt is not None:
-            load_weights(ckpt, s.student)
-        s = shard_session(s, cfg)
-        main_only(_write_run_json, run_dir, s.info)  # now with what each process holds
-    if resume:
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator,
-                                    weights=not cfg.train.fsdp)
-            start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
-        log.truncate_after(start)
-        main_only(evals.truncate_after, start)
-        main_only(truncate_jsonl, events_path, start)
+    s, start, ckpt, nonfinite_in_a_row = _restore(s, cfg, run_dir, resume, extrapolator, log, evals, events_path)
 
     bar = RunProgress(cfg.train.steps, start, enabled=progress and is_main())
     for step in range(start, cfg.train.steps):
@@ -164,6 +148,31 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     bar.close()
     log.close()
     return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
+
+
+def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator: Extrapolator | None,
+             log: MetricsLog, evals: PeriodicEval, events_path: Path) -> tuple[Session, int, Path | None, int]:
+    """Shard the models if asked and, on resume, load the last complete checkpoint and forget what came after it.
+    Returns (session, first step to run, that checkpoint, non-finite steps in a row)."""
+    ckpt = None
+    if resume:
+        main_only(remove_partial_checkpoints, run_dir)
+        ckpt = latest_checkpoint(run_dir)
+    if cfg.train.fsdp:  # the checkpoint's weights go in whole, then the layers are sharded (esr/train/fsdp.py)
+        if ckpt is not None:
+            load_weights(ckpt, s.student)
+        s = shard_session(s, cfg)
+        main_only(_write_run_json, run_dir, s.info)  # now with what each process holds
+    if not resume:
+        return s, 0, None, 0
+    start, nonfinite_in_a_row = 0, 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator, weights=not cfg.train.fsdp)
+        start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+    log.truncate_after(start)
+    main_only(evals.truncate_after, start)
+    main_only(truncate_jsonl, events_path, start)
+    return s, start, ckpt, nonfinite_in_a_row
 
 
 def _write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
