@@ -139,7 +139,7 @@ def mean_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export-tokenizer", metavar="DIR", help="write the Qwen tokenizer to DIR and exit")
     ap.add_argument("--tokenizer", help="folder with the Qwen tokenizer (from --export-tokenizer)")
@@ -156,104 +156,112 @@ def main() -> None:
     ap.add_argument("--floor-micro", type=int, default=4,
                     help="rows per pass of the T floor (its full B x T x V float logits do not fit at once)")
     ap.add_argument("--json", help="write the figures to this file")
-    args = ap.parse_args()
-    if args.export_tokenizer:
-        export_tokenizer(args.export_tokenizer)
-        return
-    if not (args.tokenizer and args.data):
+    args = ap.parse_args(argv)
+    if not args.export_tokenizer and not (args.tokenizer and args.data):
         ap.error("--tokenizer and --data are needed (see --export-tokenizer)")
+    return args
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    work = Path(tempfile.mkdtemp(prefix="esr-gpu-step-"))
-    t0 = time.perf_counter()
-    for name, arch, seed in (("student", STUDENT, 1), ("teacher", TEACHER, 2)):
-        write_random_model({**arch, **(TINY if args.tiny else {})}, args.tokenizer, work / name, device, dtype, seed)
-    seconds_write = time.perf_counter() - t0
-    print(f"random models written to {work} in {seconds_write:.1f} s", flush=True)
 
-    common = [f"student.name={work / 'student'}", f"teacher.name={work / 'teacher'}", "data.source=gsm8k",
-              f"data.path={args.data}", "data.limit=2000", f"train.device={args.device}", "train.steps=1000",
-              "train.lr=5.0e-5", "lora.r=32", "lora.alpha=64", "rollout.temperature=0.7", "loss.kind=reverse_kl"]
+class Bench:
+    """The random-weight session and the arms run on it: esr's steps at a given batch and horizon, and the floor's."""
 
-    def cfg_for(batch: int, horizon: str, tokens: int):
-        shape = [f"train.batch_size={batch}", f"train.micro_batch_size={min(batch, args.micro)}"]
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        work = Path(tempfile.mkdtemp(prefix="esr-gpu-step-"))
+        t0 = time.perf_counter()
+        for name, arch, seed in (("student", STUDENT, 1), ("teacher", TEACHER, 2)):
+            write_random_model({**arch, **(TINY if args.tiny else {})}, args.tokenizer, work / name, self.device,
+                               self.dtype, seed)
+        self.seconds_write = time.perf_counter() - t0
+        print(f"random models written to {work} in {self.seconds_write:.1f} s", flush=True)
+        self.common = [f"student.name={work / 'student'}", f"teacher.name={work / 'teacher'}", "data.source=gsm8k",
+                       f"data.path={args.data}", "data.limit=2000", f"train.device={args.device}",
+                       "train.steps=1000", "train.lr=5.0e-5", "lora.r=32", "lora.alpha=64",
+                       "rollout.temperature=0.7", "loss.kind=reverse_kl"]
+        self.cfg_esr = self.cfg_for(args.batch, "esr", args.n)
+        t0 = time.perf_counter()
+        self.session = s = build_session(self.cfg_esr)
+        self.seconds_load = time.perf_counter() - t0
+        print(f"session built in {self.seconds_load:.1f} s: {s.info['student_params'] / 1e9:.2f} B student params "
+              f"({s.info['trainable_params'] / 1e6:.1f} M trainable), {s.info['teacher_params'] / 1e9:.2f} B "
+              f"teacher, {s.info['dtype']} on {s.info['device']}", flush=True)
+
+    def cfg_for(self, batch: int, horizon: str, tokens: int):
+        """esr's config for one arm: ESR with N=``tokens``, or full rollout of exactly ``tokens`` tokens."""
+        shape = [f"train.batch_size={batch}", f"train.micro_batch_size={min(batch, self.args.micro)}"]
         if horizon == "esr":
-            return load_config("configs/quickstart.yaml", common + shape + [
+            return load_config("configs/quickstart.yaml", self.common + shape + [
                 "rollout.horizon=esr", f"rollout.n={tokens}", f"rollout.min_new_tokens={tokens}",
-                f"rollout.max_new_tokens={max(tokens, args.T)}"])
-        return load_config("configs/quickstart.yaml", common + shape + [
+                f"rollout.max_new_tokens={max(tokens, self.args.T)}"])
+        return load_config("configs/quickstart.yaml", self.common + shape + [
             "rollout.horizon=full", f"rollout.max_new_tokens={tokens}", f"rollout.min_new_tokens={tokens}"])
 
-    cfg_esr = cfg_for(args.batch, "esr", args.n)
-    t0 = time.perf_counter()
-    s = build_session(cfg_esr)
-    seconds_load = time.perf_counter() - t0
-    print(f"session built in {seconds_load:.1f} s: {s.info['student_params'] / 1e9:.2f} B student params "
-          f"({s.info['trainable_params'] / 1e6:.1f} M trainable), {s.info['teacher_params'] / 1e9:.2f} B teacher, "
-          f"{s.info['dtype']} on {s.info['device']}", flush=True)
-
-    def with_tokens(sess: Session, cfg, tokens: int) -> Session:
+    def with_tokens(self, cfg, tokens: int) -> Session:
+        """The session with ``cfg``'s horizon policy and a sampler forced to at least ``tokens`` new tokens."""
+        s = self.session
         sampler = HFSampler(s.student, eos_token_ids=s.sampler.eos_token_ids, pad_token_id=s.sampler.pad_token_id,
                             temperature=0.7, min_new_tokens=tokens)
-        return dataclasses.replace(sess, policy=make_policy(cfg.rollout), sampler=sampler)
+        return dataclasses.replace(s, policy=make_policy(cfg.rollout), sampler=sampler)
 
-    def esr_step(sess: Session, cfg, step: int):
+    def esr_step(self, sess: Session, cfg, step: int):
         def go():
-            s.scorer.seconds = 0.0
+            self.session.scorer.seconds = 0.0
             m = run_step(sess, cfg, step)
             return {"generate": m.seconds_generate, "score": m.seconds_score, "train": m.seconds_train}
         return go
 
-    def prompts(batch: int, step: int) -> list[tuple[int, ...]]:
-        return [s.prompt_ids[i] for i in batch_indices(len(s.prompt_ids), batch, step, cfg_esr.seed)]
+    def prompts(self, batch: int, step: int) -> list[tuple[int, ...]]:
+        ids = self.session.prompt_ids
+        return [ids[i] for i in batch_indices(len(ids), batch, step, self.cfg_esr.seed)]
 
-    # Warm-up: one short step (8 tokens) so CUDA context, cuBLAS handles and kernels' first launches hit no arm.
-    warm = cfg_for(args.batch, "esr", 8)
-    run_step(with_tokens(s, warm, 8), warm, 0)
-    floor_step(s, prompts(args.batch, 0), 8, 0)
+    def warm_up(self) -> None:
+        """One short step (8 tokens) so CUDA context, cuBLAS handles and kernels' first launches hit no arm."""
+        warm = self.cfg_for(self.args.batch, "esr", 8)
+        run_step(self.with_tokens(warm, 8), warm, 0)
+        floor_step(self.session, self.prompts(self.args.batch, 0), 8, 0)
 
-    results: dict[str, dict[str, float]] = {}
-    sampler_ms = sampler_costs(device, args.batch)
-    print("sampler, ms per token step: " + ", ".join(f"{k.strip()} {v:.3f}" for k, v in sampler_ms.items()),
-          flush=True)
+    def run_arms(self, record) -> None:
+        """ESR steps at the batch, the floor for the same work, the batch sweep, then full rollout and its floor."""
+        a, dev = self.args, self.device
+        step = 1
+        runs = []
+        for _ in range(a.esr_steps):
+            runs.append(arm(dev, self.esr_step(self.session, self.cfg_esr, step)))
+            step += 1
+        record(f"esr ESR N={a.n}, batch {a.batch}", mean_of(runs))
+        record(f"floor N={a.n}, batch {a.batch}",
+               arm(dev, lambda: floor_step(self.session, self.prompts(a.batch, 1), a.n, 1)))
+        for b in a.sweep:
+            record(f"esr ESR N={a.n}, batch {b}", arm(dev, self.esr_step(self.session, self.cfg_for(b, "esr", a.n),
+                                                                          step)))
+            step += 1
+        if not a.skip_full:  # last: the longest arms
+            cfg_full = self.cfg_for(a.batch, "full", a.T)
+            record(f"esr full T={a.T}, batch {a.batch}",
+                   arm(dev, self.esr_step(self.with_tokens(cfg_full, a.T), cfg_full, step)))
+            record(f"floor T={a.T}, batch {a.batch}",
+                   arm(dev, lambda: floor_step(self.session, self.prompts(a.batch, 2), a.T, 2, micro=a.floor_micro)))
 
-    def record(name: str, r: dict[str, float]) -> None:  # each arm is saved as it ends: a cut-off run keeps them
-        results[name] = r
-        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"results": results}, indent=2))
 
-    step = 1
-    runs = []
-    for _ in range(args.esr_steps):
-        runs.append(arm(device, esr_step(s, cfg_esr, step)))
-        step += 1
-    record(f"esr ESR N={args.n}, batch {args.batch}", mean_of(runs))
-    record(f"floor N={args.n}, batch {args.batch}",
-           arm(device, lambda: floor_step(s, prompts(args.batch, 1), args.n, 1)))
-    for b in args.sweep:
-        cfg_b = cfg_for(b, "esr", args.n)
-        record(f"esr ESR N={args.n}, batch {b}", arm(device, esr_step(s, cfg_b, step)))
-        step += 1
-    if not args.skip_full:  # last: the longest arms
-        cfg_full = cfg_for(args.batch, "full", args.T)
-        record(f"esr full T={args.T}, batch {args.batch}",
-               arm(device, esr_step(with_tokens(s, cfg_full, args.T), cfg_full, step)))
-        record(f"floor T={args.T}, batch {args.batch}",
-               arm(device, lambda: floor_step(s, prompts(args.batch, 2), args.T, 2, micro=args.floor_micro)))
-
+def environment(bench: Bench, sampler_ms: dict[str, float]) -> dict:
+    device = bench.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     smi = ""
     if device.type == "cuda":
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
-    env = {"device": gpu, "nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "transformers": transformers.__version__, "python": platform.python_version(), "dtype": str(dtype),
-           "seconds_write_models": seconds_write, "seconds_build_session": seconds_load, "tiny": args.tiny,
-           "sampler_ms_per_token": sampler_ms}
-    print(f"\n{gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
-          f"{dtype}")
+    return {"device": gpu, "nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "python": platform.python_version(), "dtype": str(bench.dtype),
+            "seconds_write_models": bench.seconds_write, "seconds_build_session": bench.seconds_load,
+            "tiny": bench.args.tiny, "sampler_ms_per_token": sampler_ms}
+
+
+def report(args: argparse.Namespace, env: dict, results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Print the table and the ratios (esr over the floor; full rollout over ESR); returns the ratios."""
+    print(f"\n{env['device']}; torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
+          f"{env['dtype']}")
     print(f"{'arm':<30}{'generate':>10}{'score':>8}{'train':>8}{'total':>8}{'wall':>8}{'s/sample':>10}{'peak':>9}")
     for name, r in results.items():
         b = int(name.rsplit("batch ", 1)[1])
@@ -267,6 +275,31 @@ def main() -> None:
         ratios[f"esr full / floor T={args.T}"] = esr_t["wall"] / floor_t["wall"]
     for k, v in ratios.items():
         print(f"{k:<44}{v:>7.2f}x")
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.export_tokenizer:
+        export_tokenizer(args.export_tokenizer)
+        return
+    bench = Bench(args)
+    bench.warm_up()
+    sampler_ms = sampler_costs(bench.device, args.batch)
+    print("sampler, ms per token step: " + ", ".join(f"{k.strip()} {v:.3f}" for k, v in sampler_ms.items()),
+          flush=True)
+
+    results: dict[str, dict[str, float]] = {}
+
+    def record(name: str, r: dict[str, float]) -> None:  # each arm is saved as it ends: a cut-off run keeps them
+        results[name] = r
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"results": results}, indent=2))
+
+    bench.run_arms(record)
+    env = environment(bench, sampler_ms)
+    ratios = report(args, env, results)
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "results": results, "ratios": ratios}, indent=2))
         print(f"figures written to {args.json}")
