@@ -158,6 +158,10 @@ class TrainConfig:
     """Sequences per training forward/backward (sampling always takes the whole batch); the loss does not depend on
     it. On a CPU 1 is both the leanest and the fastest (no left-padding to the longest prompt; BENCHMARKS.md: the
     quickstart step 38.4 s at 10.5 GB peak with 1, 41.0 s at 13.8 GB with 4); on a GPU raise it to fill the device."""
+    teacher_batch_size: int | None = None
+    """Sequences per teacher forward (no grad, so one layer's activations at a time), rounded down to whole
+    micro-batches; None: the whole batch in one pass (per process). Lower it only if the teacher's forward runs out
+    of memory; wider passes are faster (BENCHMARKS.md)."""
     finetune: Finetune = "lora"
     """`lora` (adapters on all linear layers) or `full`."""
     lr: float = 5e-5
@@ -281,6 +285,7 @@ def _check_consistency(cfg: Config) -> None:
         "train.checkpoint_every": t.checkpoint_every, "train.max_nonfinite": t.max_nonfinite,
         "data.size": cfg.data.size, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
         "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
+        "train.teacher_batch_size": 1 if t.teacher_batch_size is None else t.teacher_batch_size,
     }
     for key, value in positive.items():
         if value < 1:

@@ -163,8 +163,7 @@ def kl_probe(session: Any, cfg: Config, held: HeldOutPrompts, rollouts: Rollouts
     s, mb, hidden = session, cfg.train.micro_batch_size, []
     mask_B_R, vocab_map = rollouts.response_mask_B_R, None
     if s.cross is None:
-        for a in range(0, len(rollouts), mb):
-            hidden.append(s.scorer.score(rollouts.slice(a, a + mb)))
+        hidden = s.scorer.score_micro_batches(rollouts, mb, cfg.train.teacher_batch_size)
     else:
         teacher_prompts = tokenize_prompts(held.prompts, s.cross.teacher_tok, max_tokens=1 << 30)
         cross = s.cross.with_prompts(teacher_prompts.ids).translate(rollouts, range(len(rollouts)))

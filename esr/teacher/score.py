@@ -41,6 +41,31 @@ class TeacherScorer:
         return hidden
 
     @torch.no_grad()
+    def score_micro_batches(self, rollouts: Rollouts, micro_batch_size: int,
+                            rows_per_pass: int | None = None) -> list[torch.Tensor]:
+        """Teacher hidden states for each training micro-batch of ``rollouts`` (rows [a, a + micro_batch_size), as
+        ``Rollouts.slice`` trims them: (b, R_mb, H) each), computed ``rows_per_pass`` rows per forward (None: all
+        rows at once; rounded down to whole micro-batches, at least one).
+
+        A no-grad forward keeps one layer's activations at a time, so scoring several micro-batches at once costs
+        little memory, and on a CPU a 4-row pass of the quickstart teacher is 3-8% faster than four 1-row passes
+        (wider matrix products), left padding included (BENCHMARKS.md, ``benchmarks/teacher_pass.py``). Response
+        column r is response token r in every row, so a micro-batch's states are its rows and its first R_mb
+        columns of the pass's.
+        """
+        rows = len(rollouts)
+        per_pass = rows if rows_per_pass is None else rows_per_pass
+        per_pass = max(micro_batch_size, per_pass - per_pass % micro_batch_size)
+        out = []
+        for c in range(0, rows, per_pass):
+            d = min(rows, c + per_pass)
+            hidden_B_R_H = self.score(rollouts.slice(c, d))
+            for a in range(c, d, micro_batch_size):
+                n_resp = rollouts.slice(a, a + micro_batch_size).response_mask_B_R.shape[1]
+                out.append(hidden_B_R_H[a - c : a - c + micro_batch_size, :n_resp])
+        return out
+
+    @torch.no_grad()
     def score_aligned(self, cross: CrossBatch) -> torch.Tensor:
         """Across tokenizers: the teacher's hidden states of ``cross.teacher``, moved to the student's positions
         (B, R, H); row r holds the state at the teacher position paired with student position r (``pair_B_R``;

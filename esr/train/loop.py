@@ -228,16 +228,18 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         valid_B_R = valid_B_R & (cross.exact_B_R if cfg.loss.cross_tokenizer == "aligned-exact"
                                  else cross.trainable_B_R)
     t0, s.scorer.seconds = time.perf_counter(), 0.0
-    scores = (score_tokens(s.student, s.scorer, rollouts, cfg.loss, s.vocab_size, cfg.train.micro_batch_size)
-              if needed_scores(cfg.loss.select) else None)
+    scores = (score_tokens(s.student, s.scorer, rollouts, cfg.loss, s.vocab_size, cfg.train.micro_batch_size,
+                           cfg.train.teacher_batch_size) if needed_scores(cfg.loss.select) else None)
     selection = select_for_rows(cfg.loss, valid_B_R, rollouts.response_mask_B_R,
                                 SELECT_SEED + cfg.seed * 1_000_003 + step, scores, rows)  # n_total: whole batch
     seconds_select = time.perf_counter() - t0 - s.scorer.seconds  # the student's side of the scoring pass
 
-    # 4. Teacher scoring (unless the scoring pass ran it) + student loss and backward, micro-batch by micro-batch.
+    # 4. Teacher scoring (unless the scoring pass ran it), train.teacher_batch_size rows per no-grad forward, kept
+    #    per micro-batch; then the student's loss and backward, micro-batch by micro-batch.
+    teacher_hidden = _teacher_hidden(s, cfg, rollouts, cross, scores)
     loss, kl_sum = 0.0, 0.0
-    for a in range(0, len(rollouts), cfg.train.micro_batch_size):
-        out = _micro_batch(s, cfg, rollouts, cross, selection, a)
+    for a, hidden_B_R_H in zip(range(0, len(rollouts), cfg.train.micro_batch_size), teacher_hidden, strict=True):
+        out = _micro_batch(s, cfg, rollouts, cross, selection, a, hidden_B_R_H)
         release_freed_memory(s.device)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
     seconds_score = s.scorer.seconds + seconds_select
@@ -331,8 +333,25 @@ def _flops(s: Session, rollouts: Rollouts, cross: CrossBatch | None, scores: Tok
     )
 
 
+def _teacher_hidden(
+    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, scores: TokenScores | None
+) -> list[torch.Tensor | None]:
+    """The local teacher's hidden states for each micro-batch of the same-tokenizer loss pass: the scoring pass's
+    when it ran the teacher, else computed here (``TeacherScorer.score_micro_batches``). None per micro-batch where
+    the micro-batch scores its own rows (a teacher server; another tokenizer)."""
+    n_micro = len(range(0, len(rollouts), cfg.train.micro_batch_size))
+    if scores is not None and scores.teacher_hidden[0] is not None:
+        return scores.teacher_hidden
+    if cross is not None or isinstance(s.scorer, RemoteScorer):
+        return [None] * n_micro
+    hidden = s.scorer.score_micro_batches(rollouts, cfg.train.micro_batch_size, cfg.train.teacher_batch_size)
+    release_freed_memory(s.device)  # the teacher's activations (esr/train/memory.py)
+    return hidden
+
+
 def _micro_batch(
-    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, selection: Selection, a: int
+    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, selection: Selection, a: int,
+    teacher_hidden_B_R_H: torch.Tensor | None,
 ) -> MicroBatchResult:
     """Loss and backward of rows [a, a + micro_batch_size): same tokenizer, aligned-exact or span-sampled."""
     b = a + cfg.train.micro_batch_size
@@ -345,9 +364,8 @@ def _micro_batch(
         return remote_micro_batch(s.student, s.scorer, rollouts, a, b, mb_select, n_total, cfg.loss, s.vocab_size,
                                   weight_B_R=mb_weight)
     if cross is None:
-        teacher_hidden = None if selection.scores is None else selection.scores.teacher_hidden[a // (b - a)]
         return distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size,
-                                   weight_B_R=mb_weight, teacher_hidden_B_R_H=teacher_hidden)
+                                   weight_B_R=mb_weight, teacher_hidden_B_R_H=teacher_hidden_B_R_H)
     mb_cross = cross.slice(a, b, n_resp)
     if cfg.loss.cross_tokenizer == "span-sampled":
         return distill_span(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size,

@@ -8,9 +8,10 @@ select, then the usual loss pass runs with the selected mask. The other selector
 
 The scoring pass, per micro-batch (rows sliced exactly as the loss pass slices them):
 
-- teacher: decoder body once, no grad -> hidden states (B, R, H). They are KEPT and handed to the loss pass, not
-  recomputed: (B, R, H) is small next to logits (16 x 4096 x 3584 bf16 = 0.5 GB for a 7B teacher at R = 4096)
-  and the teacher forward is most of the scoring cost. The loss pass then runs no teacher body at all.
+- teacher: decoder body once, no grad, ``train.teacher_batch_size`` rows per forward -> hidden states (B, R, H).
+  They are KEPT and handed to the loss pass, not recomputed: (B, R, H) is small next to logits (16 x 4096 x 3584
+  bf16 = 0.5 GB for a 7B teacher at R = 4096) and the teacher forward is most of the scoring cost. The loss pass
+  then runs no teacher body at all.
 - student: decoder body once, no grad; its hidden states are dropped after the micro-batch. The loss pass
   recomputes them with grad (keeping every micro-batch's graph alive until the selection is known would hold the
   activations of the whole batch at once).
@@ -97,21 +98,21 @@ def select_for_step(
 @torch.no_grad()
 def score_tokens(
     student: nn.Module, scorer: TeacherScorer, rollouts: Rollouts, cfg: LossConfig, vocab_size: int,
-    micro_batch_size: int,
+    micro_batch_size: int, teacher_batch_size: int | None = None,
 ) -> TokenScores:
     """The scoring pass (module docstring): per-token KL and entropies of the batch that ``cfg.select`` needs."""
     needs = set(needed_scores(cfg.select))
     run_student, run_teacher = bool(needs & {"kl", "hs"}), bool(needs & {"kl", "ht"})
     B, R = rollouts.response_mask_B_R.shape
     out = {key: torch.zeros((B, R), dtype=torch.float32) if key in needs else None for key in ("kl", "hs", "ht")}
-    hidden, student_tokens = [], 0
-    for a in range(0, B, micro_batch_size):
+    hidden = (scorer.score_micro_batches(rollouts, micro_batch_size, teacher_batch_size) if run_teacher
+              else [None] * len(range(0, B, micro_batch_size)))
+    student_tokens = 0
+    for a, teacher_B_R_H in zip(range(0, B, micro_batch_size), hidden, strict=True):
         mb = rollouts.slice(a, a + micro_batch_size)
         b, r = a + len(mb), mb.response_mask_B_R.shape[1]
-        teacher_B_R_H = scorer.score(mb) if run_teacher else None
         student_B_R_H = response_hidden(student, mb) if run_student else None
         student_tokens += int(mb.attention_mask_B_L.sum()) if run_student else 0
-        hidden.append(teacher_B_R_H)
         for c in range(0, r, cfg.chunk_size):
             d = min(r, c + cfg.chunk_size)
             s_logits = head_logits(student, student_B_R_H[:, c:d], vocab_size) if run_student else None

@@ -21,7 +21,9 @@ from esr.train.fsdp import check_fsdp
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
-BASE = ["train.batch_size=4", "train.micro_batch_size=2"]
+# Teacher passes of 2 rows in one process as in each of two: the same left padding, so the same arithmetic (a pass's
+# width moves the teacher's states by ~1e-6, checked against full logits in tests/train/test_selection.py).
+BASE = ["train.batch_size=4", "train.micro_batch_size=2", "train.teacher_batch_size=2"]
 COMPARED = ("loss", "kl", "grad_norm", "lr", "horizon", "tokens_generated", "tokens_scored", "trained_share",
             "response_len_mean", "response_len_max", "cut_share", "flops_generate", "flops_score", "flops_train",
             "skipped")

@@ -31,7 +31,8 @@ def pair():
     sampler = HFSampler(student, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, temperature=1.0)
     rollouts = sampler.sample(prompts, 12, seed=3)
     scorer = TeacherScorer(teacher, vocab_size=student.config.vocab_size)
-    session = SimpleNamespace(student=student, scorer=scorer, vocab_size=student.config.vocab_size, cross=None)
+    session = SimpleNamespace(student=student, scorer=scorer, vocab_size=student.config.vocab_size, cross=None,
+                              device=torch.device("cpu"))
     return student, teacher, rollouts, session
 
 
@@ -53,8 +54,9 @@ def loss_pass(session, cfg, rollouts, selection):
     """The loop's own micro-batch loop (esr.train.loop._micro_batch) for cfg.train.micro_batch_size."""
     session.student.zero_grad()
     total = 0.0
-    for a in range(0, len(rollouts), cfg.train.micro_batch_size):
-        total += loop_module._micro_batch(session, cfg, rollouts, None, selection, a).loss
+    hidden = loop_module._teacher_hidden(session, cfg, rollouts, None, selection.scores)
+    for a, hidden_B_R_H in zip(range(0, len(rollouts), cfg.train.micro_batch_size), hidden, strict=True):
+        total += loop_module._micro_batch(session, cfg, rollouts, None, selection, a, hidden_B_R_H).loss
     return total, grads(session.student)
 
 
@@ -109,6 +111,29 @@ def test_weighted_selected_loss_is_micro_batch_independent_and_matches_full_logi
         assert loss == pytest.approx(ref, rel=1e-5)
         for name in ref_grads:
             torch.testing.assert_close(g[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_teacher_passes_of_any_width_give_the_full_logits_loss(pair):
+    """train.teacher_batch_size only groups the teacher's no-grad forwards: with left padding across the prompts'
+    different lengths, every width gives the loss and gradients of one plain forward (a pass of 3 rows with
+    micro-batches of 2 rounds down to 2)."""
+    student, teacher, rollouts, session = pair
+    mask_B_R = rollouts.response_mask_B_R
+    student.zero_grad()
+    s, t = full_logits(student, teacher, rollouts)
+    ref = torch.where(mask_B_R, reverse_kl(s, t), 0).sum() / mask_B_R.sum()
+    ref.backward()
+    ref, ref_grads = float(ref.detach()), grads(student)
+    for mbs, tbs in ((1, 1), (1, 3), (1, None), (2, 1), (2, 3), (2, None), (4, None)):
+        extra = [] if tbs is None else [f"train.teacher_batch_size={tbs}"]
+        cfg = load_config(SMOKE, ["loss.chunk_size=4", f"train.micro_batch_size={mbs}", *extra])
+        hidden = loop_module._teacher_hidden(session, cfg, rollouts, None, None)
+        assert [h.shape[0] for h in hidden] == [mbs] * (4 // mbs)
+        selection = select_for_step(cfg.loss, mask_B_R, mask_B_R, seed=0)
+        loss, g = loss_pass(session, cfg, rollouts, selection)
+        assert loss == pytest.approx(ref, rel=1e-5), (mbs, tbs)
+        for name in ref_grads:
+            torch.testing.assert_close(g[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{name} {mbs} {tbs}")
 
 
 def test_select_all_and_first_n_beyond_the_horizon_are_todays_loss(pair):
