@@ -82,13 +82,30 @@ def done(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
+def trained(run_dir: Path, steps: int) -> bool:
+    """Whether an arm's run has logged all its steps and its last evaluation."""
+    metrics = run_dir / "metrics.jsonl"
+    logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    return logged >= steps and (run_dir / "eval" / "best.json").is_file()
+
+
+def modes_cover(path: Path, arms: list[str]) -> bool:
+    """Whether a finished modes analysis (``path``) has a row for each of ``arms`` (rows are named ``<arm>/<ckpt>``);
+    an arm trained since it ran makes the study run it again, over all of them."""
+    if not done(path):
+        return False
+    names = {row["name"].split("/")[0] for row in json.loads(path.read_text())["rows"]}
+    return set(arms) <= names
+
+
 def run_arm(name: str, cfg: Config, out: Path, args: argparse.Namespace) -> None:
     """Train (or resume, or skip when finished), then the cascade analysis when the pair shares a tokenizer."""
     run_dir = out / name
     metrics = run_dir / "metrics.jsonl"
-    steps_done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-    if steps_done < cfg.train.steps or not (run_dir / "eval" / "best.json").is_file():
-        log.info("arm %s: training (%d of %d steps already done)", name, steps_done, cfg.train.steps)
+    if not trained(run_dir, cfg.train.steps):
+        logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        log.info("arm %s: training (%d of %d steps logged; a cut run resumes from its last checkpoint)", name,
+                 logged, cfg.train.steps)
         t0 = time.perf_counter()
         train(cfg, run_dir, resume=(run_dir / "config.yaml").is_file(), progress=args.progress)
         log.info("arm %s: trained in %.0f s", name, time.perf_counter() - t0)
@@ -143,11 +160,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"unknown arm(s) {unknown}; the arms are {list(all_arms)}")
     out = Path(args.out or REPO / "studies/runs" / args.pair)
     out.mkdir(parents=True, exist_ok=True)
+    pair_arms = list(all_arms)
     if args.pair == "xfamily":  # score-based selection needs one vocabulary (esr.train.scores)
+        pair_arms = [a for a in pair_arms if "top-kl" not in a]
         names = [a for a in names if "top-kl" not in a]
     cfgs = {a: study_config(args, all_arms[a]) for a in names}  # every config checked before any compute
-    (out / "study.json").write_text(json.dumps({"argv": sys.argv if argv is None else argv, "arms": names,
-                                                "args": vars(args)}, indent=2, default=str))
+    # The summary and the modes analysis cover every arm of the pair, whichever subset this invocation runs.
+    (out / "study.json").write_text(json.dumps({"argv": sys.argv if argv is None else argv, "arms": pair_arms,
+                                                "ran": names, "args": vars(args)}, indent=2, default=str))
 
     first = cfgs[names[0]]
     evaluate_model(first.student.name, first, out / "base-eval", args)
@@ -155,11 +175,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         evaluate_model(first.teacher.name, first, out / "teacher-eval", args)
     for name in names:
         run_arm(name, cfgs[name], out, args)
-        write_summary(summarize_pair(out, names, args.pair), Path(args.results), args.pair)  # partial results too
-    if args.pair != "xfamily" and not done(out / "modes" / "modes.json"):
-        run_modes([out / a for a in names], out / "modes", rollouts=args.cascade_rollouts, max_new_tokens=args.T,
+        write_summary(summarize_pair(out, pair_arms, args.pair), Path(args.results), args.pair)  # partial too
+    ready = [a for a in pair_arms if trained(out / a, args.steps)]  # this invocation's arms and earlier ones
+    if args.pair != "xfamily" and not modes_cover(out / "modes" / "modes.json", ready):
+        log.info("modes analysis over %s (not trained yet: %s)", ", ".join(ready),
+                 ", ".join(a for a in pair_arms if a not in ready) or "none")
+        run_modes([out / a for a in ready], out / "modes", rollouts=args.cascade_rollouts, max_new_tokens=args.T,
                   progress=args.progress)
-    summary = summarize_pair(out, names, args.pair)
+    summary = summarize_pair(out, pair_arms, args.pair)
     write_summary(summary, Path(args.results), args.pair)
     return summary
 

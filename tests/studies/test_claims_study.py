@@ -69,6 +69,19 @@ def test_a_second_run_resumes_without_redoing_anything(study):
     assert again["arms"]["esr-8"]["kl"] == summary["arms"]["esr-8"]["kl"]
 
 
+def test_an_arm_run_later_joins_the_summary_and_the_modes_analysis(study):
+    """Arms may be run a few at a time (across sessions): the summary covers every trained arm of the pair, and
+    the modes analysis runs again so that it covers them all, not only the last invocation's."""
+    claims, argv, tmp, _ = study
+    i = argv.index("--arms")
+    later = claims.main([*argv[:i], "--arms", "esr-4", *argv[i + 4 :]])
+    assert list(later["arms"]) == ["esr-8", "esr-4", "full-16", "esr-8-effopd"]  # the pair's order
+    rows = {r["name"].split("/")[0] for r in later["modes"]["rows"]}
+    assert rows >= {"esr-8", "esr-4", "full-16", "esr-8-effopd"}
+    study_json = json.loads((tmp / "runs" / "study.json").read_text())
+    assert study_json["ran"] == ["esr-4"] and "popd" in study_json["arms"]
+
+
 def test_an_unknown_arm_is_named_with_the_arms_there_are(study, capsys):
     claims, argv, _, _ = study
     with pytest.raises(SystemExit):
