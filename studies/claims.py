@@ -3,9 +3,11 @@
 Each arm is an ordinary esr run (same seed, steps, batch and prompts; only the horizon, the token selection or the
 optimizer differ) with held-out GSM8K-test evaluation every ``--eval-every`` steps. Then, per arm, the cascade
 analysis (per-position KL of the base and the trained student on held-out prompts, inside vs beyond N) and, across
-arms, the modes analysis (response lengths and sub-mode commitment on top-KL tokens). Everything lands in one
-folder per pair; a stopped study continues where it stopped (finished arms are skipped, a cut run resumes from its
-last checkpoint, finished analyses are kept), so the study can span sessions:
+arms, the modes analysis (response lengths and sub-mode commitment on top-KL tokens), once every arm of the pair is
+trained (``--modes-now``: over the arms trained so far). Everything lands in one folder per pair; a stopped study
+continues where it stopped (finished arms are skipped, a cut run resumes from its last checkpoint, finished analyses
+are kept), arms can be run a few at a time, and the summary always covers every trained arm, so the study can span
+sessions:
 
     python studies/claims.py --pair quickstart          # Qwen2.5-Coder 0.5B <- 1.5B, same tokenizer
     python studies/claims.py --pair xfamily             # SmolLM2-135M <- Qwen2.5-Coder-0.5B, aligned-exact
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--cascade-rollouts", type=int, default=16)
     ap.add_argument("--teacher-eval", action="store_true", help="also evaluate the teacher (slow: the larger model)")
+    ap.add_argument("--modes-now", action="store_true",
+                    help="run the modes analysis over the arms trained so far (default: once every arm is trained)")
     ap.add_argument("--train-data", default=str(REPO.parent / "shared/data/gsm8k/train.jsonl"))
     ap.add_argument("--test-data", default=str(REPO.parent / "shared/data/gsm8k/test.jsonl"))
     ap.add_argument("--out", help="study folder (default studies/runs/<pair>)")
@@ -177,9 +181,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_arm(name, cfgs[name], out, args)
         write_summary(summarize_pair(out, pair_arms, args.pair), Path(args.results), args.pair)  # partial too
     ready = [a for a in pair_arms if trained(out / a, args.steps)]  # this invocation's arms and earlier ones
-    if args.pair != "xfamily" and not modes_cover(out / "modes" / "modes.json", ready):
-        log.info("modes analysis over %s (not trained yet: %s)", ", ".join(ready),
-                 ", ".join(a for a in pair_arms if a not in ready) or "none")
+    waiting = [a for a in pair_arms if a not in ready]
+    if args.pair != "xfamily" and waiting and not args.modes_now:
+        log.info("modes analysis: runs once every arm is trained (or with --modes-now); waiting for %s",
+                 ", ".join(waiting))
+    elif args.pair != "xfamily" and ready and not modes_cover(out / "modes" / "modes.json", ready):
+        log.info("modes analysis over %s", ", ".join(ready))
         run_modes([out / a for a in ready], out / "modes", rollouts=args.cascade_rollouts, max_new_tokens=args.T,
                   progress=args.progress)
     summary = summarize_pair(out, pair_arms, args.pair)

@@ -38,7 +38,7 @@ def study(needs_smollm2_package, tmp_path_factory):
             "--eval-limit", "2", "--eval-tokens", "8", "--eval-batch", "2", "--cascade-rollouts", "2",
             "--arms", "esr-8", "full-16", "esr-8-effopd", "--out", str(tmp / "runs"), "--results", str(tmp / "res"),
             "--train-data", str(_gsm8k(tmp / "train.jsonl", 40, 1)),
-            "--test-data", str(_gsm8k(tmp / "test.jsonl", 4, 100)), "--no-progress"]
+            "--test-data", str(_gsm8k(tmp / "test.jsonl", 4, 100)), "--no-progress", "--modes-now"]
     claims = _claims()
     return claims, argv, tmp, claims.main(argv)
 
