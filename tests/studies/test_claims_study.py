@@ -3,9 +3,7 @@ the summary reads back what the runs wrote, and a second invocation resumes inst
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,6 @@ STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 pytestmark = pytest.mark.slow
 
-
-def _claims():
-    sys.path.insert(0, str(STUDIES))
-    spec = importlib.util.spec_from_file_location("claims", STUDIES / "claims.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _gsm8k(path: Path, rows: int, offset: int) -> Path:
@@ -32,14 +23,14 @@ def _gsm8k(path: Path, rows: int, offset: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study(needs_smollm2_package, tmp_path_factory):
+def study(needs_smollm2_package, script, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     argv = ["--pair", "tiny", "--steps", "2", "--batch", "2", "--n", "8", "--T", "16", "--eval-every", "1",
             "--eval-limit", "2", "--eval-tokens", "8", "--eval-batch", "2", "--cascade-rollouts", "2",
             "--arms", "esr-8", "full-16", "esr-8-effopd", "--out", str(tmp / "runs"), "--results", str(tmp / "res"),
             "--train-data", str(_gsm8k(tmp / "train.jsonl", 40, 1)),
             "--test-data", str(_gsm8k(tmp / "test.jsonl", 4, 100)), "--no-progress", "--modes-now"]
-    claims = _claims()
+    claims = script(STUDIES / "claims.py")
     return claims, argv, tmp, claims.main(argv)
 
 
