@@ -84,11 +84,14 @@ def done(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
+def logged_steps(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
 def trained(run_dir: Path, steps: int) -> bool:
     """Whether an arm's run has logged all its steps and its last evaluation."""
-    metrics = run_dir / "metrics.jsonl"
-    logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-    return logged >= steps and (run_dir / "eval" / "best.json").is_file()
+    return logged_steps(run_dir) >= steps and (run_dir / "eval" / "best.json").is_file()
 
 
 def modes_cover(path: Path, arms: list[str]) -> bool:
@@ -103,11 +106,9 @@ def modes_cover(path: Path, arms: list[str]) -> bool:
 def run_arm(name: str, cfg: Config, out: Path, args: argparse.Namespace) -> None:
     """Train (or resume, or skip when finished), then the cascade analysis when the pair shares a tokenizer."""
     run_dir = out / name
-    metrics = run_dir / "metrics.jsonl"
     if not trained(run_dir, cfg.train.steps):
-        logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
         log.info("arm %s: training (%d of %d steps logged; a cut run resumes from its last checkpoint)", name,
-                 logged, cfg.train.steps)
+                 logged_steps(run_dir), cfg.train.steps)
         t0 = time.perf_counter()
         train(cfg, run_dir, resume=(run_dir / "config.yaml").is_file(), progress=args.progress)
         log.info("arm %s: trained in %.0f s", name, time.perf_counter() - t0)
