@@ -75,6 +75,20 @@ def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, An
     }
 
 
+def longer_caps(out: Path, arms: list[str]) -> list[dict[str, Any]]:
+    """Evaluations re-judged under a longer cap by studies/longer_cap.py (``<eval dir>/cap-<cap>/summary.json``)."""
+    rows = []
+    folders = [("base student", out / "base-eval"), ("teacher", out / "teacher-eval")]
+    folders += [(f"{a}/{d.name}", d) for a in arms for d in sorted((out / a / "eval").glob("step-*"))]
+    for label, folder in folders:
+        for path in sorted(folder.glob("cap-*/summary.json"), key=lambda p: int(p.parent.name[4:])):
+            s = json.loads(path.read_text())
+            rows.append({"name": label, **{k: s.get(k) for k in (
+                "max_new_tokens", "previous_max_new_tokens", "previous_accuracy", "accuracy", "relaxed_accuracy",
+                "cut_share", "length_p50", "regenerated", "n_problems")}})
+    return rows
+
+
 def summarize_pair(out: Path, arms: list[str], pair: str) -> dict[str, Any]:
     base_eval = _json(out / "base-eval" / "summary.json")
     modes = _json(out / "modes" / "modes.json")
@@ -84,6 +98,7 @@ def summarize_pair(out: Path, arms: list[str], pair: str) -> dict[str, Any]:
         "base_eval": base_eval,
         "teacher_eval": _json(out / "teacher-eval" / "summary.json"),
         "arms": {a: arm_summary(out / a, base_eval) for a in arms if (out / a / "metrics.jsonl").is_file()},
+        "longer_caps": longer_caps(out, arms),
         "modes": modes,
         "modes_markdown": (out / "modes" / "modes.md").read_text() if (out / "modes" / "modes.md").is_file() else None,
     }
@@ -118,6 +133,16 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {name} | {e['step']} | {_f(e['accuracy'])} | {_f(e.get('relaxed_accuracy'))} | "
                          f"{_f(e.get('cut_share'), '.2f')} | {_f(e.get('length_p50'), '.0f')} | "
                          f"{_f(e.get('repeated_4gram_share'), '.3f')} |")
+    if summary.get("longer_caps"):
+        lines += ["", "The same evaluations under a longer token cap (`studies/longer_cap.py`: only the answers the "
+                  "first cap cut were generated again):", "",
+                  "| model | cap | accuracy | cap | accuracy | relaxed | cut | median length | regenerated |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in summary["longer_caps"]:
+            lines.append(f"| {r['name']} | {r['previous_max_new_tokens']} | {_f(r['previous_accuracy'])} | "
+                         f"{r['max_new_tokens']} | {_f(r['accuracy'])} | {_f(r['relaxed_accuracy'])} | "
+                         f"{_f(r['cut_share'], '.2f')} | {_f(r['length_p50'], '.0f')} | "
+                         f"{r['regenerated']} of {r['n_problems']} |")
     lines += ["", "Time per step by phase (s):", "", "| arm | " + " | ".join(PHASES) + " |",
               "|---|" + "---:|" * len(PHASES)]
     for name, a in arms.items():

@@ -35,6 +35,7 @@ def load_script(path: Path):
     sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # as for a running script (``__main__``): dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -4,6 +4,7 @@ the summary reads back what the runs wrote, and a second invocation resumes inst
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,37 @@ def test_an_unknown_arm_is_named_with_the_arms_there_are(study, capsys):
         i = argv.index("--arms")
         claims.main([*argv[:i], "--arms", "esr-9", *argv[i + 4 :]])
     assert "esr-9" in capsys.readouterr().err
+
+
+def test_a_longer_cap_regenerates_only_the_answers_the_first_cap_cut(study, script, tmp_path):
+    """studies/longer_cap.py: an answer that ended before the old cap is kept as it is (here one marked so by hand,
+    with a text no model wrote), every cut one is generated again under the new cap, and the summary shows both."""
+    _, _, tmp, _ = study
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "runs", runs)
+    base = runs / "base-eval" / "samples.jsonl"
+    rows = [json.loads(line) for line in base.read_text().splitlines()]
+    assert all(r["cut"] and r["tokens"] == 8 for r in rows)  # random models run to the 8-token cap
+    rows[0].update(cut=False, response="kept as it was", tokens=5)
+    base.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    longer = script(STUDIES / "longer_cap.py")
+    result = longer.main([str(runs), "--cap", "16", "--batch", "2", "--no-progress"])
+    assert set(result) == {"base student", "esr-8/step-000002", "esr-4/step-000002", "full-16/step-000002",
+                           "esr-8-effopd/step-000002"}
+    assert result["base student"]["regenerated"] == len(rows) - 1
+    extended = [json.loads(line) for line in (runs / "base-eval" / "cap-16" / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in extended] == [r["id"] for r in rows]
+    assert extended[0]["response"] == "kept as it was"
+    assert all(r["tokens"] > 8 for r in extended[1:])  # regenerated past the old cap
+    assert all(s["max_new_tokens"] == 16 and s["previous_max_new_tokens"] == 8 for s in result.values())
+
+    stamp = (runs / "base-eval" / "cap-16" / "summary.json").stat().st_mtime_ns
+    longer.main([str(runs), "--cap", "16", "--no-progress"])  # finished ones are skipped
+    assert (runs / "base-eval" / "cap-16" / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="already ran with a cap of 8"):
+        longer.extend(runs / "base-eval", "unused", None, 8)
+
+    summary = script(STUDIES / "claims_summary.py")
+    md = summary.markdown(summary.summarize_pair(runs, ["esr-8", "full-16"], "tiny"))
+    assert "| base student | 8 |" in md and "| esr-8/step-000002 | 8 |" in md and "longer token cap" in md
