@@ -39,6 +39,20 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def dense_drop(cascade: dict[str, Any]) -> dict[str, Any]:
+    """The position-weighted KL drop beyond N (percent) over only the positions where at least half of the rollouts
+    of both students are alive, and how many positions that is. Late positions, where one or two rollouts are alive,
+    weigh as much as early ones in ``drop_beyond_pct``, and where an arm's rollouts all end early those positions
+    drop out of its comparison (so its "before" mean differs from the other arms'); this leaves both effects out."""
+    n, before, after = cascade["n"], cascade["before"], cascade["after"]
+    half = cascade["rollouts"] / 2
+    dense = [r for r in range(n, len(before))
+             if cascade["alive_before"][r] >= half and cascade["alive_after"][r] >= half]
+    drop = (100 * (1 - statistics.fmean(after[r] for r in dense) / statistics.fmean(before[r] for r in dense))
+            if dense else None)
+    return {"drop_beyond_pct_half_alive": drop, "positions_half_alive": len(dense)}
+
+
 def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, Any]:
     """One arm: training cost and KL, held-out accuracy over steps (step 0 = the base student), cascade drops."""
     metrics = _jsonl(run_dir / "metrics.jsonl")
@@ -71,7 +85,7 @@ def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, An
         "cascade": None if cascade is None else {
             "n": cascade["n"], "drop_in_pct": cascade["drop_in_pct"], "drop_beyond_pct": cascade["drop_beyond_pct"],
             "drop_beyond_pct_tokens": cascade["drop_beyond_pct_tokens"], "means": cascade["means"],
-            "before": cascade["before"], "after": cascade["after"]},
+            "before": cascade["before"], "after": cascade["after"], **dense_drop(cascade)},
     }
 
 
@@ -151,14 +165,16 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", "Cascade: per-position KL to the teacher on held-out prompts, base vs trained student "
                   "(position-weighted, the same window [0, N) for every arm; the paper saw 30-40% beyond N):", "",
                   "| arm | window N | KL before -> after inside | drop inside | KL before -> after beyond | "
-                  "drop beyond | drop beyond (token-weighted) |", "|---|---:|---|---:|---|---:|---:|"]
+                  "drop beyond | drop beyond (token-weighted) | drop beyond, half alive (positions) |",
+                  "|---|---:|---|---:|---|---:|---:|---:|"]
         for name, a in arms.items():
             c = a["cascade"]
             if c:
                 m = c["means"]
                 lines.append(f"| {name} | {c['n']} | {_f(m['before_in'])} -> {_f(m['after_in'])} | "
                              f"{_f(c['drop_in_pct'], '.1f')}% | {_f(m['before_beyond'])} -> {_f(m['after_beyond'])}"
-                             f" | {_f(c['drop_beyond_pct'], '.1f')}% | {_f(c['drop_beyond_pct_tokens'], '.1f')}% |")
+                             f" | {_f(c['drop_beyond_pct'], '.1f')}% | {_f(c['drop_beyond_pct_tokens'], '.1f')}% | "
+                             f"{_f(c['drop_beyond_pct_half_alive'], '.1f')}% ({c['positions_half_alive']}) |")
     if summary.get("modes_markdown"):
         lines += ["", summary["modes_markdown"].replace("# Modes", "## Modes")]
     return "\n".join(lines) + "\n"
