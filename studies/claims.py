@@ -131,7 +131,7 @@ def evaluate_model(spec: str, cfg: Config, out_dir: Path, args: argparse.Namespa
     gc.collect()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="quickstart")
     ap.add_argument("--arms", nargs="*", help="a subset of the arms, by name (default: all)")
@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--results", default=str(REPO / "studies/results"), help="where the summary goes")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides for every arm (key=value)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     all_arms = arm_overrides(args.n, args.T, args.steps)
