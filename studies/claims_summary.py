@@ -59,13 +59,10 @@ def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, An
     history = _jsonl(run_dir / "eval" / "history.jsonl")
     cascade = _json(run_dir / "analysis" / "cascade.json")
     k = min(3, len(metrics))
-    evals = ([{"step": 0, **{key: base_eval.get(key) for key in ("accuracy", "length_p50", "cut_share",
-                                                                  "multi_box_share", "repeated_4gram_share",
-                                                                  "relaxed_accuracy")}}]
-             if base_eval else [])
-    evals += [{key: h.get(key) for key in ("step", "accuracy", "length_p50", "cut_share", "multi_box_share",
-                                          "repeated_4gram_share", "relaxed_accuracy", "collapse_warning")}
-              for h in history]
+    keys = ("accuracy", "length_p10", "length_p50", "length_p90", "cut_share", "multi_box_share",
+            "repeated_4gram_share", "relaxed_accuracy")
+    evals = [{"step": 0, **{key: base_eval.get(key) for key in keys}}] if base_eval else []
+    evals += [{key: h.get(key) for key in ("step", *keys, "collapse_warning")} for h in history]
     return {
         "steps": len(metrics),
         "seconds_per_step": {p: _mean([m.get(f"seconds_{p}", 0.0) for m in metrics]) for p in PHASES},
@@ -140,12 +137,13 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{_f(a['response_len_mean'], '.0f')} | {a['collapse_warnings']} |")
     lines += ["", "Each evaluation in detail (cut: share of answers that hit the token cap, so count as wrong; "
               "relaxed: the gold answer anywhere in the text):", "",
-              "| arm | step | accuracy | relaxed | cut | median length | repeated 4-grams |",
+              "| arm | step | accuracy | relaxed | cut | length p10 / p50 / p90 | repeated 4-grams |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name, a in arms.items():
         for e in a["evals"]:
             lines.append(f"| {name} | {e['step']} | {_f(e['accuracy'])} | {_f(e.get('relaxed_accuracy'))} | "
-                         f"{_f(e.get('cut_share'), '.2f')} | {_f(e.get('length_p50'), '.0f')} | "
+                         f"{_f(e.get('cut_share'), '.2f')} | {_f(e.get('length_p10'), '.0f')} / "
+                         f"{_f(e.get('length_p50'), '.0f')} / {_f(e.get('length_p90'), '.0f')} | "
                          f"{_f(e.get('repeated_4gram_share'), '.3f')} |")
     if summary.get("longer_caps"):
         lines += ["", "The same evaluations under a longer token cap (`studies/longer_cap.py`: only the answers the "
