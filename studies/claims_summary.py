@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
+from esr.analysis.cascade import kl_drop
+from esr.analysis.rollout_scores import nan_to_none
 from esr.report.collect import read_jsonl
 
 matplotlib.use("Agg")
@@ -44,13 +47,13 @@ def dense_drop(cascade: dict[str, Any]) -> dict[str, Any]:
     of both students are alive, and how many positions that is. Late positions, where one or two rollouts are alive,
     weigh as much as early ones in ``drop_beyond_pct``, and where an arm's rollouts all end early those positions
     drop out of its comparison (so its "before" mean differs from the other arms'); this leaves both effects out."""
-    n, before, after = cascade["n"], cascade["before"], cascade["after"]
-    half = cascade["rollouts"] / 2
-    dense = [r for r in range(n, len(before))
-             if cascade["alive_before"][r] >= half and cascade["alive_after"][r] >= half]
-    drop = (100 * (1 - statistics.fmean(after[r] for r in dense) / statistics.fmean(before[r] for r in dense))
-            if dense else None)
-    return {"drop_beyond_pct_half_alive": drop, "positions_half_alive": len(dense)}
+    n, half = cascade["n"], cascade["rollouts"] / 2
+    dense_R = (torch.tensor(cascade["alive_before"]) >= half) & (torch.tensor(cascade["alive_after"]) >= half)
+    dense_R[:n] = False
+    before_R, after_R = (torch.tensor([math.nan if v is None else v for v in cascade[k]], dtype=torch.float64)
+                         .masked_fill(~dense_R, math.nan) for k in ("before", "after"))
+    drop = kl_drop(before_R, after_R, n, len(before_R))  # the cascade's own formula, over the dense positions
+    return {"drop_beyond_pct_half_alive": nan_to_none(drop), "positions_half_alive": int(dense_R.sum())}
 
 
 def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, Any]:
@@ -93,7 +96,7 @@ def longer_caps(out: Path, arms: list[str]) -> list[dict[str, Any]]:
     folders += [(f"{a}/{d.name}", d) for a in arms for d in sorted((out / a / "eval").glob("step-*"))]
     for label, folder in folders:
         for path in sorted(folder.glob("cap-*/summary.json"), key=lambda p: int(p.parent.name[4:])):
-            s = json.loads(path.read_text())
+            s = _json(path)
             rows.append({"name": label, **{k: s.get(k) for k in (
                 "max_new_tokens", "previous_max_new_tokens", "previous_accuracy", "accuracy", "relaxed_accuracy",
                 "cut_share", "length_p50", "regenerated", "n_problems")}})
