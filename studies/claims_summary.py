@@ -3,7 +3,10 @@
 Everything here is read back from files esr wrote (metrics.jsonl, eval/history.jsonl, the base student's step-0
 evaluation, analysis/cascade.json, modes/modes.json), so a summary can be rebuilt from a study folder at any time:
 
-    python studies/claims_summary.py studies/runs/quickstart --pair quickstart
+    python studies/claims_summary.py studies/runs/quickstart --pair quickstart [--into RESULTS.md]
+
+``--into`` also writes the tables (the markdown without its title) into a page, between the lines
+``<!-- claims_summary <pair> -->`` and ``<!-- /claims_summary <pair> -->``, so that the page quotes them verbatim.
 """
 
 from __future__ import annotations
@@ -224,11 +227,29 @@ def write_summary(summary: dict[str, Any], results: Path, pair: str) -> None:
         plot(summary, results / f"{pair}.png")
 
 
+def splice(page: Path, pair: str, md: str) -> None:
+    """Replace what lies between ``<!-- claims_summary <pair> -->`` and ``<!-- /claims_summary <pair> -->`` in page
+    with md less its ``# `` title line; the markers stay, so splicing again replaces the same block."""
+    begin, end = f"<!-- claims_summary {pair} -->", f"<!-- /claims_summary {pair} -->"
+    text = page.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{page}: needs one line {begin!r} followed by one line {end!r} around the tables to "
+                         f"replace (found {text.count(begin)} and {text.count(end)})")
+    body = "\n".join(line for line in md.splitlines() if not line.startswith("# ")).strip()
+    head, rest = text.split(begin)
+    page.write_text(head + begin + "\n\n" + body + "\n\n" + end + rest.split(end, 1)[1])
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", help="a study folder (studies/runs/<pair>)")
     ap.add_argument("--pair", required=True)
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--into", type=Path, help="a page (e.g. RESULTS.md) whose claims_summary markers for this pair "
+                    "get the tables")
     a = ap.parse_args()
     study = _json(Path(a.study) / "study.json") or {}
-    write_summary(summarize_pair(Path(a.study), study.get("arms", []), a.pair), Path(a.results), a.pair)
+    summary = summarize_pair(Path(a.study), study.get("arms", []), a.pair)
+    write_summary(summary, Path(a.results), a.pair)
+    if a.into:
+        splice(a.into, a.pair, markdown(summary))

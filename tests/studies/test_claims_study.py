@@ -114,3 +114,16 @@ def test_a_longer_cap_regenerates_only_the_answers_the_first_cap_cut(study, scri
     summary = script(STUDIES / "claims_summary.py")
     md = summary.markdown(summary.summarize_pair(runs, ["esr-8", "full-16"], "tiny"))
     assert "| base student | 8 |" in md and "| esr-8/step-000002 | 8 |" in md and "longer token cap" in md
+
+
+def test_the_tables_are_spliced_between_their_markers_and_a_page_without_them_is_refused(script, tmp_path):
+    summary = script(STUDIES / "claims_summary.py")
+    page = tmp_path / "RESULTS.md"
+    page.write_text("intro\n<!-- claims_summary tiny -->\nold table\n<!-- /claims_summary tiny -->\noutro\n")
+    summary.splice(page, "tiny", "# Claims study, pair `tiny`\n\n| a | b |\n|---|---|\n")
+    summary.splice(page, "tiny", "# Claims study, pair `tiny`\n\n| a | c |\n|---|---|\n")  # again: same block
+    assert page.read_text() == ("intro\n<!-- claims_summary tiny -->\n\n| a | c |\n|---|---|\n\n"
+                                "<!-- /claims_summary tiny -->\noutro\n")
+    with pytest.raises(SystemExit, match="claims_summary other"):
+        summary.splice(page, "other", "# t\n")
+    assert "| a | c |" in page.read_text()  # a refused splice changes nothing
