@@ -14,8 +14,9 @@ Arms (`--arms`):
   trl-gkd           trl.experimental.gkd.GKDTrainer (lmbda=1 = always on-policy, beta=1), gradient checkpointing
                     off (on, it samples without the KV cache)
   trl-distill-nogc, trl-gkd-gc   the same with gradient checkpointing flipped (not run unless named)
-The TRL arms run benchmarks/trl_arm.py in a separate virtual environment (TRL is not a dependency of esr); it loads
-the fp32 safetensors folders esr converted the zoo presets into (~/.cache/esr/models/<preset>), with from_pretrained.
+The esr and floor arms run benchmarks/esr_arm.py in this environment; the TRL arms run benchmarks/trl_arm.py in a
+separate virtual environment (TRL is not a dependency of esr), which loads the fp32 safetensors folders esr
+converted the zoo presets into (~/.cache/esr/models/<preset>), with from_pretrained.
 
 Set up the TRL environment once (reuses this environment's torch / transformers / peft / accelerate):
 
@@ -54,9 +55,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from trl_arm import StepClock, cpu_s, peak_rss_gb, rss_gb, set_threads  # noqa: E402  (standard library only)
 
 DEFAULT_TRL_PYTHON = "/work/venvs/trl/bin/python"
 SETUP = ("python -m venv --system-site-packages /work/venvs/trl && "
@@ -88,89 +86,6 @@ ARMS = {a.name: a for a in (
     Arm("trl-gkd-gc", "trl", "gkd", gradient_checkpointing=True),
 )}
 DEFAULT_ARMS = ["esr", "floor", "trl-distill", "trl-gkd"]
-
-
-# --- the esr and floor arms (child process, this environment) -------------------------------------------------------
-
-def esr_child(spec: dict[str, Any]) -> dict[str, Any]:
-    set_threads(spec["threads"])
-    import torch
-    from step_time import floor_step
-
-    from esr.config import load_config
-    from esr.rollout.policies import make_policy
-    from esr.train.loop import run_step
-    from esr.train.session import batch_indices, build_session
-
-    kind, T, W, B = spec["kind"], spec["tokens"], spec["warmup_tokens"], spec["batch"]
-    n_warmup, n_timed = spec["warmup_steps"], spec["steps"]
-    cfg = load_config(spec["config"], spec["overrides"])
-    cfg_warm = load_config(spec["config"], spec["warmup_overrides"])
-    t0 = time.perf_counter()
-    s = build_session(cfg)
-    load_s = time.perf_counter() - t0
-    rss_loaded = rss_gb()
-    s_warm = dataclasses.replace(s, policy=make_policy(cfg_warm.rollout))  # the session's policy sets the horizon
-
-    def prompts(step: int) -> list[tuple[int, ...]]:  # what esr's own step `step` trains on
-        return [s.prompt_ids[i] for i in batch_indices(len(s.prompt_ids), B, step, cfg.seed)]
-
-    for step, rows in enumerate(spec["prompts"]):
-        if [list(p) for p in prompts(step)] != [r["ids"] for r in rows]:
-            raise RuntimeError(f"step {step}: the session's prompts differ from those the TRL arms get")
-
-    clock = StepClock(n_warmup)
-    losses: list[float] = []
-    for step in range(n_warmup + n_timed):
-        warm = step < n_warmup
-        clock.begin()
-        if kind == "esr":
-            m = run_step(s_warm if warm else s, cfg_warm if warm else cfg, step)
-            clock.add("generate", m.seconds_generate)
-            clock.add("score", m.seconds_score)
-            clock.tokens = m.tokens_generated
-            losses.append(m.loss)
-            clock.end(kl=m.kl, esr_seconds_train=m.seconds_train)
-        else:
-            n = W if warm else T
-            phases = floor_step(s, prompts(step), n, step)
-            clock.add("generate", phases["generate"])
-            clock.add("score", phases["score"])
-            clock.tokens = B * n  # min_new_tokens = max_new_tokens = n
-            clock.end()
-    trainable = [p for p in s.student.parameters() if p.requires_grad]
-    return {
-        "status": "ok", "steps": clock.steps, "load_s": load_s, "rss_after_load_gb": rss_loaded,
-        "rss_before_timed_gb": clock.rss_before_timed_gb, **clock.peaks(), "losses": losses, "notes": [],
-        "setup": {
-            "trainer": "esr.train.loop.run_step" if kind == "esr" else "benchmarks/step_time.py floor_step",
-            "gradient_checkpointing": cfg.train.gradient_checkpointing,
-            "generation": {"temperature": cfg.rollout.temperature, "top_k": 0, "top_p": cfg.rollout.top_p,
-                           "min_new_tokens": T, "max_new_tokens": T, "use_cache": True,
-                           "eos_token_id": s.sampler.eos_token_ids, "pad_token_id": s.sampler.pad_token_id},
-            "horizon": cfg.rollout.horizon if kind == "esr" else "floor", "loss_chunk_size": cfg.loss.chunk_size,
-            "optimizer": type(s.optimizer).__name__, "trainable_params": sum(p.numel() for p in trainable),
-            "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in s.student.parameters()}),
-            "loss": "exact reverse KL, untempered logits",
-        },
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "threads": torch.get_num_threads()},
-    }
-
-
-def child_main(spec_path: str, result_path: str) -> None:
-    import traceback
-
-    spec = json.loads(Path(spec_path).read_text())
-    try:
-        result = esr_child(spec)
-    except BaseException as e:
-        result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        print(result["traceback"], file=sys.stderr, flush=True)
-    result.setdefault("peak_rss_gb", peak_rss_gb())
-    result["cpu_s_process"] = cpu_s()
-    Path(result_path).write_text(json.dumps(result, indent=2, default=str))
-    sys.exit(0 if result["status"] == "ok" else 1)
 
 
 # --- the orchestrator ------------------------------------------------------------------------------------------------
@@ -360,9 +275,6 @@ def write_results(out: Path, meta: dict[str, Any], arms: list[dict[str, Any]]) -
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child_main(sys.argv[2], sys.argv[3])
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", choices=["real", "tiny"], default="real",
                     help="real: the config's student and teacher (default); tiny: tiny random models (a check)")
@@ -426,7 +338,7 @@ def main() -> None:
                 warm_overrides = [*model_overrides, *esr_overrides(args, T, b, horizon=W)]
                 spec = {**common, "kind": arm.runner, "config": config, "overrides": overrides,
                         "warmup_overrides": warm_overrides}
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
+                cmd = [sys.executable, str(HERE / "esr_arm.py")]
             else:
                 spec = {**common, "trainer": arm.trainer, "gradient_checkpointing": arm.gradient_checkpointing,
                         "student_dir": folders[0], "teacher_dir": folders[1], "work_dir": str(work / f"trl-{i}"),
