@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from esr.analysis.kl_profile import as_config, load_pair, progress_bar
+from esr.analysis.pair import as_config, load_pair, progress_bar
 from esr.config import Config
 from esr.eval.tasks import EvalItem, Task, make_task
 

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from esr.config import Config, ConfigError, load_config
+from esr.analysis.pair import as_config, load_pair, progress_bar
+from esr.config import Config, ConfigError
 from esr.losses.divergences import reverse_kl
 from esr.models.forward import head_logits, response_hidden
 from esr.types import Rollouts
@@ -186,12 +186,6 @@ def token_stats(student: nn.Module, teacher: nn.Module, rollouts: Rollouts, *, v
     return {q: torch.where(mask_B_R, torch.cat(v, dim=1).float(), 0.0) for q, v in pieces.items()}
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """The rich progress bar the probes show (disabled: prints nothing)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), disable=not enabled, transient=False)
-
-
 def kl_profile(
     student: nn.Module,
     teacher: nn.Module,
@@ -278,51 +272,6 @@ def summarize_profile(values_B_R: dict[str, torch.Tensor], mask_B_R: torch.Tenso
         values_B_R=values_B_R, mask_B_R=mask_B_R, rollouts=(),
     )
 
-
-
-@dataclass
-class Pair:
-    """Student and teacher loaded from a config, sharing one tokenizer."""
-
-    student: nn.Module
-    teacher: nn.Module
-    tokenizer: Any
-    vocab_size: int
-
-
-def require_shared_vocabulary(student_tok: Any, teacher_tok: Any, student: str, teacher: str, probe: str) -> None:
-    """Raise ConfigError when the two tokenizers do not share one id space (the probes compare ids position by
-    position, which a cross-tokenizer pair cannot do)."""
-    from esr.train.session import vocabulary_mismatch
-
-    why = vocabulary_mismatch(student_tok, teacher_tok)
-    if why is not None:
-        raise ConfigError(
-            f"{probe} needs a shared vocabulary: it compares student and teacher token by token in one id space, but "
-            f"student '{student}' and teacher '{teacher}' have different tokenizers ({why}). Profile a pair from one "
-            f"model family (e.g. qwen2.5-coder-0.5b-instruct <- qwen2.5-coder-1.5b-instruct).")
-
-
-def as_config(config: str | Path | Config) -> Config:
-    """A Config from a YAML path or a Config."""
-    return config if isinstance(config, Config) else load_config(config)
-
-
-def load_pair(cfg: Config, probe: str) -> Pair:
-    """Load student and teacher on ``train.device`` in ``train.dtype`` (no LoRA), checking the tokenizers first."""
-    from esr.models import load_model, load_tokenizer
-    from esr.train.session import resolve_device, resolve_dtype, shared_vocab_size
-
-    s, t = cfg.student, cfg.teacher
-    require_shared_vocabulary(load_tokenizer(s.name, s.trust_remote_code), load_tokenizer(t.name, t.trust_remote_code),
-                              s.name, t.name, probe)
-    device = resolve_device(cfg.train.device)
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    student, tokenizer = load_model(s.name, dtype=dtype, device=device, trust_remote_code=s.trust_remote_code,
-                                    allow_pickle=s.allow_pickle)
-    teacher, _ = load_model(t.name, dtype=dtype, device=device, trust_remote_code=t.trust_remote_code,
-                            allow_pickle=t.allow_pickle)
-    return Pair(student, teacher, tokenizer, shared_vocab_size(student, teacher, tokenizer))
 
 
 def profile_summary(profile: KLProfile) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from esr.analysis.kl_profile import (
     kl_profile_session,
     position_stats,
     recommend_n,
-    require_shared_vocabulary,
     run_kl_profile,
     summarize_profile,
 )
+from esr.analysis.pair import require_shared_vocabulary
 from esr.config import ConfigError
 from esr.models import load_model
 
