@@ -12,10 +12,13 @@ sessions:
     python studies/claims.py --pair quickstart          # Qwen2.5-Coder 0.5B <- 1.5B, same tokenizer
     python studies/claims.py --pair xfamily             # SmolLM2-135M <- Qwen2.5-Coder-0.5B, aligned-exact
     python studies/claims.py --pair quickstart --arms esr-100 full-512    # a subset, in this order
+    python studies/claims.py --pair quickstart --name quickstart-lr5e-5 --lr 5e-5 --arms esr-100 full-512
+                                                        # a variant: its own folder and summary
     python studies/claims.py --pair tiny --steps 2 ...  # tiny random models: checks the script (tests use it)
 
 Outputs: ``<out>/<arm>/`` run folders (with ``eval/`` and ``analysis/``), ``<out>/base-eval`` (step 0),
-``<out>/modes/``, and the summary ``<results>/<pair>.json`` + ``.md`` + plots that RESULTS.md quotes.
+``<out>/modes/``, and the summary ``<results>/<name>.json`` + ``.md`` + plots that RESULTS.md quotes (``<out>`` is
+``studies/runs/<name>``, the name is the pair's unless ``--name`` gives another).
 """
 
 from __future__ import annotations
@@ -151,7 +154,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                     help="run the modes analysis over the arms trained so far (default: once every arm is trained)")
     ap.add_argument("--train-data", default=str(REPO.parent / "shared/data/gsm8k/train.jsonl"))
     ap.add_argument("--test-data", default=str(REPO.parent / "shared/data/gsm8k/test.jsonl"))
-    ap.add_argument("--out", help="study folder (default studies/runs/<pair>)")
+    ap.add_argument("--name", help="the study's name: its folder studies/runs/<name> and its summary "
+                    "<results>/<name>.{md,json,png} (default: the pair; e.g. quickstart-lr5e-5 for a variant)")
+    ap.add_argument("--out", help="study folder (default studies/runs/<name>)")
     ap.add_argument("--results", default=str(REPO / "studies/results"), help="where the summary goes")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides for every arm (key=value)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [a for a in names if a not in all_arms]
     if unknown:
         ap.error(f"unknown arm(s) {unknown}; the arms are {list(all_arms)}")
-    out = Path(args.out or REPO / "studies/runs" / args.pair)
+    study_name = args.name or args.pair
+    out = Path(args.out or REPO / "studies/runs" / study_name)
     out.mkdir(parents=True, exist_ok=True)
     pair_arms = list(all_arms)
     if args.pair == "xfamily":  # score-based selection needs one vocabulary (esr.train.scores)
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         evaluate_model(first.teacher.name, first, out / "teacher-eval", args)
     for name in names:
         run_arm(name, cfgs[name], out, args)
-        write_summary(summarize_pair(out, pair_arms, args.pair), Path(args.results), args.pair)  # partial too
+        write_summary(summarize_pair(out, pair_arms, args.pair), Path(args.results), study_name)  # partial too
     ready = [a for a in pair_arms if trained(out / a, args.steps)]  # this invocation's arms and earlier ones
     waiting = [a for a in pair_arms if a not in ready]
     if args.pair != "xfamily" and waiting and not args.modes_now:
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_modes([out / a for a in ready], out / "modes", rollouts=args.cascade_rollouts, max_new_tokens=args.T,
                   progress=args.progress)
     summary = summarize_pair(out, pair_arms, args.pair)
-    write_summary(summary, Path(args.results), args.pair)
+    write_summary(summary, Path(args.results), study_name)
     return summary
 
 

@@ -61,6 +61,14 @@ def test_a_second_run_resumes_without_redoing_anything(study):
     assert again["arms"]["esr-8"]["kl"] == summary["arms"]["esr-8"]["kl"]
 
 
+def test_a_named_variant_writes_its_own_summary_and_leaves_the_pairs_alone(study):
+    claims, argv, tmp, _ = study
+    stamp = (tmp / "res" / "tiny.md").stat().st_mtime_ns
+    claims.main([*argv, "--name", "tiny-variant"])  # same folder (--out): every arm is done, nothing retrains
+    assert "| esr-8 |" in (tmp / "res" / "tiny-variant.md").read_text()
+    assert (tmp / "res" / "tiny.md").stat().st_mtime_ns == stamp
+
+
 def test_an_arm_run_later_joins_the_summary_and_the_modes_analysis(study):
     """Arms may be run a few at a time (across sessions): the summary covers every trained arm of the pair, and
     the modes analysis runs again so that it covers them all, not only the last invocation's."""
