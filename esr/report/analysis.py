@@ -3,7 +3,8 @@
 Their schemas are still moving, so nothing here knows them: top-level scalars (and those of nested objects, as
 dotted keys) become a key/value table, lists of objects (and objects of same-shaped objects) become tables with a
 capped number of rows and columns, and PNGs beside a JSON file (same folder, name starting with its stem) are shown
-under it; other PNGs are shown on their own.
+under it; other PNGs are shown on their own. An analysis that writes its own markdown summary beside its JSON
+(``modes.md`` beside ``modes.json``) is shown as that summary instead: its tables and paragraphs, as written.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class AnalysisItem:
     data: Any = None
     error: str | None = None
     images: tuple[Path, ...] = ()
+    summary_md: str | None = None  # the analysis's own markdown twin (<stem>.md beside the JSON), when it wrote one
 
 
 def discover(run_dir: Path) -> list[AnalysisItem]:
@@ -93,7 +95,9 @@ def _load(path: Path, label: str, images: tuple[Path, ...]) -> AnalysisItem:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return AnalysisItem(path=path, label=label, error=f"could not read {label}: {e}", images=images)
-    return AnalysisItem(path=path, label=label, data=data, images=images)
+    twin = path.with_suffix(".md")
+    summary_md = twin.read_text(encoding="utf-8") if twin.is_file() else None
+    return AnalysisItem(path=path, label=label, data=data, images=images, summary_md=summary_md)
 
 
 def _is_records(value: Any) -> bool:
@@ -144,12 +148,50 @@ def records_table(rows: list[dict[str, Any]]) -> tuple[Table, str | None]:
     return table, ("showing " + " and ".join(cut)) if cut else None
 
 
+def _plain(text: str) -> str:
+    """Markdown inline text as plain text: emphasis and code marks dropped (the renderers escape the rest)."""
+    return text.replace("**", "").replace("`", "").strip()
+
+
+def markdown_blocks(md: str) -> list[Block]:
+    """The blocks of an analysis's markdown summary: pipe tables become Tables, headings and paragraphs Texts."""
+    blocks: list[Block] = []
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                cells = [_plain(c) for c in lines[i].strip().strip("|").split("|")]
+                if not all(set(c) <= set(":-") and c for c in cells):  # not the |---|---:| separator
+                    rows.append(cells)
+                i += 1
+            width = len(rows[0])  # a ragged row is padded or cut to the header's width
+            blocks.append(Table(columns=rows[0], rows=[(r + [""] * width)[:width] for r in rows[1:]]))
+            continue
+        paragraph = []
+        while i < len(lines) and lines[i].strip() and not lines[i].strip().startswith("|"):
+            paragraph.append(lines[i].strip().lstrip("#").strip())
+            i += 1
+        if paragraph:
+            blocks.append(Text(_plain(" ".join(paragraph))))
+        else:
+            i += 1
+    return blocks
+
+
 def render(item: AnalysisItem, heading: str, image_prefix: str) -> list[Block]:
-    """The blocks of one analysis output: heading, scalars, tables, images."""
+    """The blocks of one analysis output: heading, then its own markdown summary if it wrote one, else its scalars
+    and tables; then its images."""
     blocks: list[Block] = [Heading(3, heading)]
     if item.error:
         blocks.append(Text(item.error, tone="warn"))
-    if item.data is not None:
+    if item.summary_md is not None:
+        blocks += [*markdown_blocks(item.summary_md),
+                   Text(f"(the summary {item.path.stem}.md written beside {item.path.name}, which has every number)",
+                        tone="muted")]
+    elif item.data is not None:
         scalars, tables = flatten(item.data)
         if scalars:
             blocks.append(Table(columns=["field", "value"], rows=[[k, cell(v)] for k, v in scalars[:KEY_CAP]]))

@@ -159,6 +159,21 @@ def test_explicit_analysis_paths_and_flops_columns(runs: tuple[Path, Path], tmp_
         discover_paths([tmp_path / "nothing.txt"])
 
 
+def test_an_analysis_with_its_own_markdown_summary_is_shown_as_written(runs: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    modes = tmp_path / "modes"
+    modes.mkdir()
+    (modes / "modes.json").write_text(json.dumps({"rows": [{"name": "base", "modes": {"top1_match": 0.375}}]}))
+    (modes / "modes.md").write_text("# Modes\n\nWhere the **student's** top-1 sits.\n\n| model | top-1 match |\n"
+                                    "|---|---:|\n| base | 37.5% |\n| ragged | 1% | extra |\n")
+    html_path, md_path = write_report([runs[0]], tmp_path / "m.html", analyses=[modes])
+    md = md_path.read_text()
+    assert table(md, "top-1 match")["base"]["top-1 match"] == "37.5%"
+    assert table(md, "top-1 match")["ragged"]["top-1 match"] == "1%"  # the extra cell is cut, not a new column
+    assert "Where the student's top-1 sits." in md and "<strong>" not in html_path.read_text()
+    assert "top1_match" not in md  # the JSON is not dumped as well
+
+
 def test_same_folder_names_are_told_apart(runs: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = copy_run(runs[0], tmp_path / "x" / "run"), copy_run(runs[1], tmp_path / "y" / "run")
     _, md_path = write_report([a, b], tmp_path / "same.html")
