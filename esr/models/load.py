@@ -26,6 +26,7 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from esr.models import synthetic, zoo
+from esr.models.lora import quiet_peft
 
 CausalLM = PreTrainedModel | PeftModel
 """What `load_model` returns: a transformers model, or a PeftModel when the spec is an adapter folder."""
@@ -145,7 +146,8 @@ def _from_adapter(
     base, tokenizer = _resolve(_adapter_base(folder), dtype, trust_remote_code, allow_pickle)
     if _has_tokenizer(folder):  # a checkpoint may carry its own tokenizer (e.g. with added tokens)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    return PeftModel.from_pretrained(base, folder), tokenizer
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, folder), tokenizer
 
 
 def _allow_pickle_or_refuse(folder: Path, pickles: list[str], allow_pickle: bool) -> None:

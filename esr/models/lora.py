@@ -6,11 +6,23 @@ checkpoint is just the adapter (`save_lora(model, dir)`), which `load_model(dir)
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence the FutureWarning transformers 5 raises when peft (0.21) reads ``model.is_gradient_checkpointing``
+    while wrapping a model: it is peft's call, not the user's, and it printed once per loaded model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
 
 
 def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, targets: str) -> PeftModel:
@@ -29,7 +41,8 @@ def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, targe
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with quiet_peft():
+            return get_peft_model(model, config)
     except ValueError as err:
         if target_modules == "all-linear":
             raise

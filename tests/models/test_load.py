@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,16 @@ def test_lora_trains_only_the_adapters() -> None:
     trainable, total = count_parameters(wrapped)
     assert trainable == sum(p.numel() for _, p in trainable_parameters(wrapped))
     assert total == total_before + trainable
+
+
+def test_wrapping_and_loading_lora_raise_no_deprecation_warning_from_inside_peft(tmp_path: Path) -> None:
+    """peft 0.21 reads ``is_gradient_checkpointing``, which transformers 5 deprecates: a warning users cannot act on."""
+    model, _ = load_model("tiny-student")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_lora(apply_lora(model, r=2, alpha=4, dropout=0.0, targets="all-linear"), tmp_path)
+        load_model(str(tmp_path))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 def test_lora_with_unknown_target_lists_the_linear_layers() -> None:
