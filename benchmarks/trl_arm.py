@@ -181,16 +181,114 @@ class GenerationProbe:
                 "decode_input_len_max": max(decode, default=None)}
 
 
+def _distill_trainer(spec: dict[str, Any], rows: list[dict[str, Any]], common: dict[str, Any], models: tuple,
+                     tokenizer: Any, peft_config: Any, probe: GenerationProbe, clock: StepClock) -> Any:
+    """trl.DistillationTrainer (beta=1), its generation timed; checks that it tokenises the prompts as esr did."""
+    import trl
+    from datasets import Dataset
+
+    N = spec["tokens"]
+
+    class Timed(trl.DistillationTrainer):
+        def _generate_single_turn(self, prompt_ids, *a, **k):  # the student's `generate` call
+            t = time.perf_counter()
+            probe.active, probe.lengths = True, []
+            out = super()._generate_single_turn(prompt_ids, *a, **k)
+            probe.active = False
+            clock.add("generate", time.perf_counter() - t)
+            clock.tokens += sum(len(c) for c in out)
+            return out
+
+    args = trl.DistillationConfig(
+        **common, max_completion_length=N, top_p=spec["top_p"], top_k=0, beta=1.0, shuffle_dataset=False,
+        generation_kwargs={"min_new_tokens": N},
+    )
+    dataset = Dataset.from_list([{"prompt": r["messages"]} for r in rows])
+    trainer = Timed(model=models[0], teacher_model=models[1], args=args, train_dataset=dataset,
+                    processing_class=tokenizer, peft_config=peft_config)
+    # The prompt ids TRL generates from must be esr's, token for token.
+    got, _, _ = trainer._tokenize_prompts([r["messages"] for r in rows])
+    mismatched = sum(list(g) != list(r["ids"]) for g, r in zip(got, rows, strict=True))
+    if mismatched:
+        raise RuntimeError(f"TRL tokenised {mismatched} of {len(rows)} prompts differently from esr")
+    return trainer
+
+
+def _gkd_trainer(spec: dict[str, Any], rows: list[dict[str, Any]], common: dict[str, Any], models: tuple,
+                 tokenizer: Any, peft_config: Any, probe: GenerationProbe, clock: StepClock) -> Any:
+    """trl.experimental.gkd.GKDTrainer (lmbda=1, beta=1), its generation timed; checks the collator's prompt ids."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    N, W = spec["tokens"], spec["warmup_tokens"]
+
+    class TimedGKD(GKDTrainer):
+        def generate_on_policy_outputs(self, model, inputs, generation_config):  # the student's `generate`
+            t = time.perf_counter()
+            probe.active, probe.lengths = True, []
+            ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+            probe.active = False
+            clock.add("generate", time.perf_counter() - t)
+            clock.tokens += int(mask[:, inputs["prompts"].shape[1]:].sum())
+            return ids, mask, labels
+
+    # Chat rows ("messages", GKD's format) that also carry their token ids (the collator's pre-tokenised path),
+    # so the prompt is esr's ids exactly: prompt ids, then a placeholder completion of N tokens that on-policy
+    # sampling (lmbda=1) always replaces. Its length makes the Trainer's token count for the loss normalisation
+    # (num_items_in_batch) B x N, as for the real rollouts.
+    filler = tokenizer.pad_token_id
+    dataset = Dataset.from_list([{"messages": [*r["messages"], {"role": "assistant", "content": ""}],
+                                  "input_ids": list(r["ids"]) + [filler] * N,
+                                  "completion_mask": [0] * len(r["ids"]) + [1] * N} for r in rows])
+    longest = max(len(r["ids"]) for r in rows) + max(N, W)
+    args = GKDConfig(**common, max_new_tokens=N, lmbda=1.0, beta=1.0, max_length=longest + 8,
+                     train_sampling_strategy="sequential")
+    trainer = TimedGKD(model=models[0], teacher_model=models[1], args=args, train_dataset=dataset,
+                       processing_class=tokenizer, peft_config=peft_config)
+    batch = trainer.data_collator([dataset[i] for i in range(len(rows))])
+    got = [p[m.bool()].tolist() for p, m in zip(batch["prompts"], batch["prompt_attention_mask"], strict=True)]
+    mismatched = sum(g != list(r["ids"]) for g, r in zip(got, rows, strict=True))
+    if mismatched:
+        raise RuntimeError(f"GKD's collator gives {mismatched} of {len(rows)} prompts other ids than esr's")
+    # GKDTrainer builds its GenerationConfig from fixed fields (no min_new_tokens option): set it here.
+    trainer.generation_config.min_new_tokens = N
+    trainer.generation_kwargs["min_new_tokens"] = N
+    return trainer
+
+
+TRAINERS = {"distill": _distill_trainer, "gkd": _gkd_trainer}
+
+
+def _setup(trainer: Any, kind: str, probe: GenerationProbe) -> dict[str, Any]:
+    """What the trainer was set up with (trainer class, generation settings, optimizer, loss), for the result."""
+    args, gen, model = trainer.args, trainer.generation_config, trainer.model
+    gen_info = {k: getattr(gen, k, None) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
+                                                    "repetition_penalty", "max_new_tokens", "min_new_tokens",
+                                                    "use_cache", "eos_token_id", "pad_token_id")}
+    return {
+        "trainer": type(trainer).__mro__[1].__module__ + "." + type(trainer).__mro__[1].__name__,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "generation": {**gen_info, **probe.summary()}, "optimizer": type(trainer.optimizer).__name__,
+        "optim": str(args.optim), "lr_scheduler": str(args.lr_scheduler_type),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
+        "loss": "generalised JSD, beta=1 (reverse KL)" + (
+            ", logits divided by temperature in the loss" if kind == "distill" else ", untempered logits"),
+        **({"lmbda": args.lmbda} if kind == "gkd" else {}),
+    }
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     set_threads(spec["threads"])
     import torch
     import transformers
     import trl
-    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     kind = spec["trainer"]
+    if kind not in TRAINERS:
+        raise ValueError(f"unknown trainer {kind!r}; the trainers are {sorted(TRAINERS)}")
     N, W, B = spec["tokens"], spec["warmup_tokens"], spec["batch"]
     n_warmup, n_timed = spec["warmup_steps"], spec["steps"]
     clock = StepClock(n_warmup)
@@ -226,70 +324,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         gradient_checkpointing=spec["gradient_checkpointing"], temperature=spec["temperature"],
     )
     losses: list[float] = []
-
-    if kind == "distill":
-        cls = trl.DistillationTrainer
-
-        class Timed(cls):  # type: ignore[misc, valid-type]
-            def _generate_single_turn(self, prompt_ids, *a, **k):  # the student's `generate` call
-                t = time.perf_counter()
-                probe.active, probe.lengths = True, []
-                out = super()._generate_single_turn(prompt_ids, *a, **k)
-                probe.active = False
-                clock.add("generate", time.perf_counter() - t)
-                clock.tokens += sum(len(c) for c in out)
-                return out
-
-        args = trl.DistillationConfig(
-            **common, max_completion_length=N, top_p=spec["top_p"], top_k=0, beta=1.0, shuffle_dataset=False,
-            generation_kwargs={"min_new_tokens": N},
-        )
-        dataset = Dataset.from_list([{"prompt": r["messages"]} for r in rows])
-        trainer = Timed(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                        processing_class=tokenizer, peft_config=peft_config)
-        # The prompt ids TRL generates from must be esr's, token for token.
-        got, _, _ = trainer._tokenize_prompts([r["messages"] for r in rows])
-        mismatched = sum(list(g) != list(r["ids"]) for g, r in zip(got, rows, strict=True))
-        if mismatched:
-            raise RuntimeError(f"TRL tokenised {mismatched} of {len(rows)} prompts differently from esr")
-        gen = trainer.generation_config
-    elif kind == "gkd":
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-        class TimedGKD(GKDTrainer):
-            def generate_on_policy_outputs(self, model, inputs, generation_config):  # the student's `generate`
-                t = time.perf_counter()
-                probe.active, probe.lengths = True, []
-                ids, mask, labels = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
-                probe.active = False
-                clock.add("generate", time.perf_counter() - t)
-                clock.tokens += int(mask[:, inputs["prompts"].shape[1]:].sum())
-                return ids, mask, labels
-
-        # Chat rows ("messages", GKD's format) that also carry their token ids (the collator's pre-tokenised path),
-        # so the prompt is esr's ids exactly: prompt ids, then a placeholder completion of N tokens that on-policy
-        # sampling (lmbda=1) always replaces. Its length makes the Trainer's token count for the loss normalisation
-        # (num_items_in_batch) B x N, as for the real rollouts.
-        filler = tokenizer.pad_token_id
-        dataset = Dataset.from_list([{"messages": [*r["messages"], {"role": "assistant", "content": ""}],
-                                      "input_ids": list(r["ids"]) + [filler] * N,
-                                      "completion_mask": [0] * len(r["ids"]) + [1] * N} for r in rows])
-        longest = max(len(r["ids"]) for r in rows) + max(N, W)
-        args = GKDConfig(**common, max_new_tokens=N, lmbda=1.0, beta=1.0, max_length=longest + 8,
-                         train_sampling_strategy="sequential")
-        trainer = TimedGKD(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                           processing_class=tokenizer, peft_config=peft_config)
-        batch = trainer.data_collator([dataset[i] for i in range(len(rows))])
-        got = [p[m.bool()].tolist() for p, m in zip(batch["prompts"], batch["prompt_attention_mask"], strict=True)]
-        mismatched = sum(g != list(r["ids"]) for g, r in zip(got, rows, strict=True))
-        if mismatched:
-            raise RuntimeError(f"GKD's collator gives {mismatched} of {len(rows)} prompts other ids than esr's")
-        # GKDTrainer builds its GenerationConfig from fixed fields (no min_new_tokens option): set it here.
-        trainer.generation_config.min_new_tokens = N
-        trainer.generation_kwargs["min_new_tokens"] = N
-        gen = trainer.generation_config
-    else:
-        raise ValueError(f"unknown trainer {kind!r}")
+    trainer = TRAINERS[kind](spec, rows, common, (student, teacher), tokenizer, peft_config, probe, clock)
+    gen = trainer.generation_config
 
     _teacher_timer(teacher, clock)
     if W != N:  # a shorter warm-up step: generation lengths are restored once it ends
@@ -313,12 +349,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.train()
     train_wall = time.perf_counter() - t0
 
-    model = trainer.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-    gen_info = {k: getattr(gen, k, None) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
-                                                    "repetition_penalty", "max_new_tokens", "min_new_tokens",
-                                                    "use_cache", "eos_token_id", "pad_token_id")}
     expected = B * N
     for row in clock.steps:
         if not row["warmup"] and row["tokens_generated"] != expected:
@@ -327,16 +357,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "status": "ok", "steps": clock.steps, "load_s": load_s, "rss_after_load_gb": rss_loaded,
         "rss_before_timed_gb": clock.rss_before_timed_gb, **clock.peaks(),
-        "train_wall_s": train_wall, "losses": losses, "notes": notes,
-        "setup": {
-            "trainer": type(trainer).__mro__[1].__module__ + "." + type(trainer).__mro__[1].__name__,
-            "gradient_checkpointing": bool(args.gradient_checkpointing),
-            "generation": {**gen_info, **probe.summary()}, "optimizer": type(trainer.optimizer).__name__,
-            "optim": str(args.optim), "lr_scheduler": str(args.lr_scheduler_type), "trainable_params": trainable,
-            "param_dtypes": dtypes, "loss": "generalised JSD, beta=1 (reverse KL)" + (
-                ", logits divided by temperature in the loss" if kind == "distill" else ", untempered logits"),
-            **({"lmbda": args.lmbda} if kind == "gkd" else {}),
-        },
+        "train_wall_s": train_wall, "losses": losses, "notes": notes, "setup": _setup(trainer, kind, probe),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "trl": trl.__version__,
                      "peft": __import__("peft").__version__, "accelerate": __import__("accelerate").__version__,
