@@ -77,6 +77,7 @@ def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, An
         "horizon": [m["horizon"] for m in metrics],
         "response_len_mean": _mean([m["response_len_mean"] for m in metrics]),
         "cut_share": _mean([m["cut_share"] for m in metrics]),
+        "trained_share": _mean([m.get("trained_share", 1.0) for m in metrics]),
         "kl_first3": _mean([m["kl"] for m in metrics[:k]]),
         "kl_last3": _mean([m["kl"] for m in metrics[len(metrics) - k:]]),
         "kl": [m["kl"] for m in metrics],
@@ -131,16 +132,19 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Claims study, pair `{summary['pair']}`", ""]
     if summary.get("teacher_eval"):
         lines += [f"Teacher accuracy on the same problems: {_f(summary['teacher_eval']['accuracy'])}.", ""]
-    lines += ["Held-out accuracy (GSM8K test, greedy; step 0 is the base student):", "",
+    lines += ["Held-out accuracy (GSM8K test, greedy; step 0 is the base student). Share trained: the share of "
+              "generated tokens the loss covered (under 1 where a token selection keeps some, or where a "
+              "cross-tokenizer pair leaves out tokens the two tokenizers cut differently):", "",
               "| arm | steps run | " + " | ".join(f"step {s}" for s in steps) + " | best | train KL first 3 -> "
-              "last 3 | s/step | TFLOPs/step | mean response len | collapse warnings |",
-              "|---|---:|" + "---:|" * (len(steps) + 6)]
+              "last 3 | s/step | TFLOPs/step | mean response len | share trained | collapse warnings |",
+              "|---|---:|" + "---:|" * (len(steps) + 7)]
     for name, a in arms.items():
         by_step = {e["step"]: e["accuracy"] for e in a["evals"]}
         lines.append(f"| {name} | {a['steps']} | " + " | ".join(_f(by_step.get(s)) for s in steps)
                      + f" | {_f(a['best_accuracy'])} | {_f(a['kl_first3'])} -> {_f(a['kl_last3'])} | "
                      f"{_f(a['seconds_per_step_total'], '.1f')} | {_f(a['tflops_per_step'], '.1f')} | "
-                     f"{_f(a['response_len_mean'], '.0f')} | {a['collapse_warnings']} |")
+                     f"{_f(a['response_len_mean'], '.0f')} | {_f(a['trained_share'], '.2f')} | "
+                     f"{a['collapse_warnings']} |")
     lines += ["", "Each evaluation in detail (cut: share of answers that hit the token cap, so count as wrong; "
               "relaxed: the gold answer anywhere in the text):", "",
               "| arm | step | accuracy | relaxed | cut | length p10 / p50 / p90 | repeated 4-grams |",
