@@ -15,17 +15,15 @@ Before any step it checks that the session would train on exactly the prompts th
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trl_arm import StepClock, cpu_s, peak_rss_gb, rss_gb, set_threads  # noqa: E402  (standard library only)
+from trl_arm import StepClock, arm_main, rss_gb, set_threads  # noqa: E402  (standard library only)
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -94,21 +92,5 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    try:
-        result = run(spec)
-    except BaseException as e:  # the orchestrator records the failure and goes on with the other arms
-        result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        print(result["traceback"], file=sys.stderr, flush=True)
-    result.setdefault("peak_rss_gb", peak_rss_gb())
-    result["cpu_s_process"] = cpu_s()
-    Path(sys.argv[2]).write_text(json.dumps(result, indent=2, default=str))
-    if result["status"] != "ok":
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    main()
+    arm_main(run, __doc__)

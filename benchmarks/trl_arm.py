@@ -18,7 +18,8 @@ Timing only wraps TRL's own methods (it changes nothing they compute): generatio
 (outermost forward hook on the teacher), train = the rest of the optimizer step (student forward/backward, loss,
 clipping, AdamW). A step is on_step_begin .. on_step_end of the HF Trainer loop.
 
-The helpers at the top (peak RSS, CPU time) import nothing but the standard library, so vs_trl.py uses them too.
+The helpers at the top (peak RSS, CPU time, the step clock) and `arm_main` import nothing but the standard
+library, so benchmarks/esr_arm.py uses them too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -365,12 +367,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def arm_main(run_arm: Callable[[dict[str, Any]], dict[str, Any]], usage: str) -> None:
+    """An arm process (this file's, or benchmarks/esr_arm.py's): ``ARM.py SPEC.json RESULT.json``. The result gets
+    the process's peak RSS and CPU time; a failure is recorded in it (vs_trl.py goes on with the other arms) and
+    the exit status is 1."""
     if len(sys.argv) != 3:
-        sys.exit(__doc__)
+        sys.exit(usage)
     spec = json.loads(Path(sys.argv[1]).read_text())
     try:
-        result = run(spec)
+        result = run_arm(spec)
     except BaseException as e:  # the orchestrator records the failure and goes on with the other arms
         result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         print(result["traceback"], file=sys.stderr, flush=True)
@@ -382,4 +387,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arm_main(run, __doc__)
