@@ -59,8 +59,26 @@ def dense_drop(cascade: dict[str, Any]) -> dict[str, Any]:
     return {"drop_beyond_pct_half_alive": nan_to_none(drop), "positions_half_alive": int(dense_R.sum())}
 
 
+def _opening(text: str, words: int = 3) -> str:
+    return " ".join(text.split()[:words])
+
+
+def answer_style(samples: Path, teacher_samples: Path) -> dict[str, float | None]:
+    """How an evaluation's answers are written, from its samples.jsonl: ``opens_like_teacher``, the share whose
+    first three words are those of the teacher's greedy answer to the same problem (None without the teacher's
+    samples), and ``with_equals``, the share showing any working (an '=' anywhere: a GSM8K solution computes)."""
+    rows = [r for r in _jsonl(samples) if r.get("sample", 0) == 0]
+    if not rows:
+        return {"opens_like_teacher": None, "with_equals": None}
+    teacher = {r["id"]: _opening(r["response"]) for r in _jsonl(teacher_samples) if r.get("sample", 0) == 0}
+    same = [_opening(r["response"]) == teacher[r["id"]] for r in rows if r["id"] in teacher]
+    return {"opens_like_teacher": sum(same) / len(same) if same else None,
+            "with_equals": sum("=" in r["response"] for r in rows) / len(rows)}
+
+
 def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, Any]:
-    """One arm: training cost and KL, held-out accuracy over steps (step 0 = the base student), cascade drops."""
+    """One arm: training cost and KL, held-out accuracy over steps (step 0 = the base student), answer style,
+    cascade drops."""
     metrics = _jsonl(run_dir / "metrics.jsonl")
     history = _jsonl(run_dir / "eval" / "history.jsonl")
     cascade = _json(run_dir / "analysis" / "cascade.json")
@@ -69,6 +87,10 @@ def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, An
             "repeated_4gram_share", "relaxed_accuracy")
     evals = [{"step": 0, **{key: base_eval.get(key) for key in keys}}] if base_eval else []
     evals += [{key: h.get(key) for key in ("step", *keys, "collapse_warning")} for h in history]
+    teacher = run_dir.parent / "teacher-eval" / "samples.jsonl"
+    for e in evals:
+        folder = run_dir.parent / "base-eval" if e["step"] == 0 else run_dir / "eval" / f"step-{e['step']:06d}"
+        e.update(answer_style(folder / "samples.jsonl", teacher))
     return {
         "steps": len(metrics),
         "seconds_per_step": {p: _mean([m.get(f"seconds_{p}", 0.0) for m in metrics]) for p in PHASES},
@@ -115,6 +137,7 @@ def summarize_pair(out: Path, arms: list[str], pair: str) -> dict[str, Any]:
         "study": _json(out / "study.json"),
         "base_eval": base_eval,
         "teacher_eval": _json(out / "teacher-eval" / "summary.json"),
+        "teacher_style": answer_style(out / "teacher-eval" / "samples.jsonl", out / "teacher-eval" / "samples.jsonl"),
         "arms": {a: arm_summary(out / a, base_eval) for a in arms if (out / a / "metrics.jsonl").is_file()},
         "longer_caps": longer_caps(out, arms),
         "modes": modes,
@@ -131,7 +154,9 @@ def markdown(summary: dict[str, Any]) -> str:
     steps = sorted({e["step"] for a in arms.values() for e in a["evals"]})
     lines = [f"# Claims study, pair `{summary['pair']}`", ""]
     if summary.get("teacher_eval"):
-        lines += [f"Teacher accuracy on the same problems: {_f(summary['teacher_eval']['accuracy'])}.", ""]
+        style = summary.get("teacher_style") or {}
+        lines += [f"Teacher accuracy on the same problems: {_f(summary['teacher_eval']['accuracy'])} (answers with "
+                  f"'=': {_f(style.get('with_equals'), '.2f')}).", ""]
     lines += ["Held-out accuracy (GSM8K test, greedy; step 0 is the base student). Share trained: the share of "
               "generated tokens the loss covered (under 1 where a token selection keeps some, or where a "
               "cross-tokenizer pair leaves out tokens the two tokenizers cut differently):", "",
@@ -146,15 +171,18 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{_f(a['response_len_mean'], '.0f')} | {_f(a['trained_share'], '.2f')} | "
                      f"{a['collapse_warnings']} |")
     lines += ["", "Each evaluation in detail (cut: share of answers that hit the token cap, so count as wrong; "
-              "relaxed: the gold answer anywhere in the text):", "",
-              "| arm | step | accuracy | relaxed | cut | length p10 / p50 / p90 | repeated 4-grams |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "relaxed: the gold answer anywhere in the text; opens like the teacher: the first three words are those "
+              "of the teacher's answer to the same problem; with '=': the answer shows any working):", "",
+              "| arm | step | accuracy | relaxed | cut | length p10 / p50 / p90 | repeated 4-grams | opens like "
+              "the teacher | with '=' |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, a in arms.items():
         for e in a["evals"]:
             lines.append(f"| {name} | {e['step']} | {_f(e['accuracy'])} | {_f(e.get('relaxed_accuracy'))} | "
                          f"{_f(e.get('cut_share'), '.2f')} | {_f(e.get('length_p10'), '.0f')} / "
                          f"{_f(e.get('length_p50'), '.0f')} / {_f(e.get('length_p90'), '.0f')} | "
-                         f"{_f(e.get('repeated_4gram_share'), '.3f')} |")
+                         f"{_f(e.get('repeated_4gram_share'), '.3f')} | {_f(e.get('opens_like_teacher'), '.2f')} | "
+                         f"{_f(e.get('with_equals'), '.2f')} |")
     if summary.get("longer_caps"):
         lines += ["", "The same evaluations under a longer token cap (`studies/longer_cap.py`: only the answers the "
                   "first cap cut were generated again):", "",

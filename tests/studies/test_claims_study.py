@@ -135,3 +135,19 @@ def test_the_tables_are_spliced_between_their_markers_and_a_page_without_them_is
     with pytest.raises(SystemExit, match="claims_summary other"):
         summary.splice(page, "other", "# t\n")
     assert "| a | c |" in page.read_text()  # a refused splice changes nothing
+
+
+def test_answer_style_counts_teacher_openings_on_the_same_problem_and_answers_that_compute(script, tmp_path):
+    summary = script(STUDIES / "claims_summary.py")
+
+    def samples(name, responses):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "sample": 0, "response": r}) + "\n"
+                                for i, r in enumerate(responses)))
+        return path
+
+    teacher = samples("teacher", ["To determine the total, 2 + 3 = 5", "To solve this, 4 * 2 = 8", "We know x"])
+    student = samples("student", ["To determine the  total we plan", "To determine how much: 4 * 2 = 8", "We know x"])
+    assert summary.answer_style(student, teacher) == {"opens_like_teacher": 2 / 3, "with_equals": 1 / 3}
+    assert summary.answer_style(student, tmp_path / "none.jsonl")["opens_like_teacher"] is None
+    assert summary.answer_style(tmp_path / "none.jsonl", teacher) == {"opens_like_teacher": None, "with_equals": None}
