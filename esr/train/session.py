@@ -209,6 +209,10 @@ def _make_trainable(student: nn.Module, cfg: Config) -> nn.Module:
             p.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads hacks.
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 names it activation checkpointing (the old name warns); 4.x has only the old name.
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     return student
