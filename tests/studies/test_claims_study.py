@@ -151,3 +151,13 @@ def test_answer_style_counts_teacher_openings_on_the_same_problem_and_answers_th
     assert summary.answer_style(student, teacher) == {"opens_like_teacher": 2 / 3, "with_equals": 1 / 3}
     assert summary.answer_style(student, tmp_path / "none.jsonl")["opens_like_teacher"] is None
     assert summary.answer_style(tmp_path / "none.jsonl", teacher) == {"opens_like_teacher": None, "with_equals": None}
+
+
+def test_aligned_by_kind_splits_tokens_into_math_and_words(script, needs_smollm2_package):
+    kinds = script(STUDIES / "aligned_by_kind.py")
+    from esr.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-student")
+    result = kinds.aligned_by_kind(["So 12 + 3 = 15 apples.", "No working here."], tok, tok)
+    assert result["math"][0] == result["words"][0] == 1.0  # one tokenizer cuts every token the same way
+    assert result["math"][1] >= 5 and result["words"][1] >= 5
