@@ -217,13 +217,17 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    """Accuracy over steps, training KL over steps, and each arm's cascade (after / before per position)."""
+    """Accuracy over steps, training KL over steps, the share of answers showing working over steps, and (where the
+    pair has one) each arm's cascade (after / before per position)."""
     arms = summary["arms"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    has_cascade = any(a["cascade"] for a in arms.values())
+    fig, axes = plt.subplots(1, 4 if has_cascade else 3, figsize=(21 if has_cascade else 16, 4.5))
     for name, a in arms.items():
-        steps = [e["step"] for e in a["evals"] if e["accuracy"] is not None]
-        axes[0].plot(steps, [e["accuracy"] for e in a["evals"] if e["accuracy"] is not None], marker="o", label=name)
+        evals = [e for e in a["evals"] if e["accuracy"] is not None]
+        axes[0].plot([e["step"] for e in evals], [e["accuracy"] for e in evals], marker="o", label=name)
         axes[1].plot(range(1, len(a["kl"]) + 1), a["kl"], label=name)
+        working = [e for e in a["evals"] if e.get("with_equals") is not None]
+        axes[2].plot([e["step"] for e in working], [e["with_equals"] for e in working], marker="o", label=name)
         c = a["cascade"]
         if c:
             w = 32  # ratio of window means: few rollouts are alive at late positions, where KL can be ~0
@@ -233,18 +237,20 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 win = [(af, bf) for af, bf in pairs[max(0, i - w):i + 1] if af is not None and bf is not None]
                 b = sum(bf for _, bf in win)
                 smooth.append(sum(af for af, _ in win) / b if win and b > 0 else math.nan)
-            axes[2].plot(smooth, label=f"{name} (N={c['n']})")
-            axes[2].axvline(c["n"], color="grey", ls=":", lw=0.8)
+            axes[3].plot(smooth, label=f"{name} (N={c['n']})")
+            axes[3].axvline(c["n"], color="grey", ls=":", lw=0.8)
     axes[0].set(title="held-out accuracy (GSM8K test)", xlabel="step", ylabel="accuracy")
     axes[1].set(title="training KL (own rollouts)", xlabel="step", ylabel="mean reverse KL per token")
-    axes[2].set(title="cascade: held-out KL after / before training", xlabel="response position",
-                ylabel="ratio of 32-position window means", ylim=(0, 2.5))
-    axes[2].axhline(1.0, color="grey", lw=0.8)
+    axes[2].set(title="held-out answers showing working (an '=')", xlabel="step", ylabel="share of answers",
+                ylim=(-0.05, 1.05))
+    if has_cascade:
+        axes[3].set(title="cascade: held-out KL after / before training", xlabel="response position",
+                    ylabel="ratio of 32-position window means", ylim=(0, 2.5))
+        axes[3].axhline(1.0, color="grey", lw=0.8)
+        axes[3].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    if any(a["cascade"] for a in arms.values()):
-        axes[2].legend(fontsize=7)
     fig.suptitle(f"claims study, pair {summary['pair']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
