@@ -108,6 +108,8 @@ def arm_summary(run_dir: Path, base_eval: dict[str, Any] | None) -> dict[str, An
         "best_accuracy": max((e["accuracy"] for e in evals if e["accuracy"] is not None), default=None),
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
         "collapse_warnings": sum(bool(e.get("collapse_warning")) for e in evals),
+        "extrapolation": [{k: e.get(k) for k in ("step", "score_before", "score_after", "alphas_accepted", "tries")}
+                          for e in _jsonl(run_dir / "extrapolate" / "events.jsonl")],
         "cascade": None if cascade is None else {
             "n": cascade["n"], "drop_in_pct": cascade["drop_in_pct"], "drop_beyond_pct": cascade["drop_beyond_pct"],
             "drop_beyond_pct_tokens": cascade["drop_beyond_pct_tokens"], "means": cascade["means"],
@@ -193,6 +195,16 @@ def markdown(summary: dict[str, Any]) -> str:
                          f"{r['max_new_tokens']} | {_f(r['accuracy'])} | {_f(r['relaxed_accuracy'])} | "
                          f"{_f(r['cut_share'], '.2f')} | {_f(r['length_p50'], '.0f')} | "
                          f"{r['regenerated']} of {r['n_problems']} |")
+    jumps = {name: a["extrapolation"] for name, a in arms.items() if a.get("extrapolation")}
+    if jumps:
+        lines += ["", "EffOPD extrapolation at each scheduled step (probe: the held-out reverse KL the jump is judged "
+                  "on; a jump is kept only if it lowers it):", "",
+                  "| arm | step | jumps tried | alphas kept | probe KL before -> after |", "|---|---:|---:|---|---:|"]
+        for name, events in jumps.items():
+            for e in events:
+                kept = ", ".join(f"{x:.2f}" for x in e["alphas_accepted"] or []) or "none"
+                lines.append(f"| {name} | {e['step']} | {e['tries']} | {kept} | {_f(e['score_before'])} -> "
+                             f"{_f(e['score_after'])} |")
     lines += ["", "Time per step by phase (s):", "", "| arm | " + " | ".join(PHASES) + " |",
               "|---|" + "---:|" * len(PHASES)]
     for name, a in arms.items():
