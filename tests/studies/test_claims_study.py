@@ -51,6 +51,8 @@ def test_every_arm_is_trained_evaluated_and_analysed(study):
         assert (tmp / "res" / f"tiny.{suffix}").stat().st_size > 0
     md = (tmp / "res" / "tiny.md").read_text()
     assert "| esr-8 |" in md and "| full-16 |" in md and "Cascade" in md
+    jumps = summary["arms"]["esr-8-effopd"]["extrapolation"]
+    assert [e["step"] for e in jumps] == [1, 2] and "EffOPD extrapolation" in md and "| esr-8-effopd | 2 |" in md
 
 
 def test_a_second_run_resumes_without_redoing_anything(study):
