@@ -6,7 +6,8 @@ evaluation, analysis/cascade.json, modes/modes.json), so a summary can be rebuil
     python studies/claims_summary.py studies/runs/quickstart --pair quickstart [--into RESULTS.md]
 
 ``--into`` also writes the tables (the markdown without its title) into a page, between the lines
-``<!-- claims_summary <pair> -->`` and ``<!-- /claims_summary <pair> -->``, so that the page quotes them verbatim.
+``<!-- claims_summary <name> -->`` and ``<!-- /claims_summary <name> -->``, so that the page quotes them verbatim
+(the name is the pair's, or a variant's from ``claims.py --name``).
 """
 
 from __future__ import annotations
@@ -299,7 +300,8 @@ if __name__ == "__main__":
                     "get the tables")
     a = ap.parse_args()
     study = _json(Path(a.study) / "study.json") or {}
+    name = (study.get("args") or {}).get("name") or a.pair  # a variant (claims.py --name) keeps its own name
     summary = summarize_pair(Path(a.study), study.get("arms", []), a.pair)
-    write_summary(summary, Path(a.results), a.pair)
+    write_summary(summary, Path(a.results), name)
     if a.into:
-        splice(a.into, a.pair, markdown(summary))
+        splice(a.into, name, markdown(summary))
