@@ -152,7 +152,90 @@ def _f(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _evaluation_lines(arms: dict[str, Any]) -> list[str]:
+    """Each evaluation of each arm: accuracy, cut share, lengths, answer style."""
+    lines: list[str] = []
+    lines += ["", "Each evaluation in detail (cut: share of answers that hit the token cap, so count as wrong; "
+              "relaxed: the gold answer anywhere in the text; opens like the teacher: the first three words are those "
+              "of the teacher's answer to the same problem; with '=': the answer shows any working):", "",
+              "| arm | step | accuracy | relaxed | cut | length p10 / p50 / p90 | repeated 4-grams | opens like "
+              "the teacher | with '=' |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, a in arms.items():
+        for e in a["evals"]:
+            lines.append(f"| {name} | {e['step']} | {_f(e['accuracy'])} | {_f(e.get('relaxed_accuracy'))} | "
+                         f"{_f(e.get('cut_share'), '.2f')} | {_f(e.get('length_p10'), '.0f')} / "
+                         f"{_f(e.get('length_p50'), '.0f')} / {_f(e.get('length_p90'), '.0f')} | "
+                         f"{_f(e.get('repeated_4gram_share'), '.3f')} | {_f(e.get('opens_like_teacher'), '.2f')} | "
+                         f"{_f(e.get('with_equals'), '.2f')} |")
+    return lines
+
+
+def _longer_cap_lines(longer_caps: list[dict[str, Any]]) -> list[str]:
+    """The evaluations re-judged under a longer token cap, if any were."""
+    lines: list[str] = []
+    if longer_caps:
+        lines += ["", "The same evaluations under a longer token cap (`studies/longer_cap.py`: only the answers the "
+                  "first cap cut were generated again):", "",
+                  "| model | cap | accuracy | cap | accuracy | relaxed | cut | median length | regenerated |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in longer_caps:
+            lines.append(f"| {r['name']} | {r['previous_max_new_tokens']} | {_f(r['previous_accuracy'])} | "
+                         f"{r['max_new_tokens']} | {_f(r['accuracy'])} | {_f(r['relaxed_accuracy'])} | "
+                         f"{_f(r['cut_share'], '.2f')} | {_f(r['length_p50'], '.0f')} | "
+                         f"{r['regenerated']} of {r['n_problems']} |")
+    return lines
+
+
+def _extrapolation_lines(arms: dict[str, Any]) -> list[str]:
+    """EffOPD's jumps at each scheduled step, for the arms that extrapolate."""
+    lines: list[str] = []
+    jumps = {name: a["extrapolation"] for name, a in arms.items() if a.get("extrapolation")}
+    if jumps:
+        lines += ["", "EffOPD extrapolation at each scheduled step (probe: the held-out reverse KL the jump is judged "
+                  "on; a jump is kept only if it lowers it):", "",
+                  "| arm | step | jumps tried | alphas kept | probe KL before -> after |", "|---|---:|---:|---|---:|"]
+        for name, events in jumps.items():
+            for e in events:
+                kept = ", ".join(f"{x:.2f}" for x in e["alphas_accepted"] or []) or "none"
+                lines.append(f"| {name} | {e['step']} | {e['tries']} | {kept} | {_f(e['score_before'])} -> "
+                             f"{_f(e['score_after'])} |")
+    return lines
+
+
+def _phase_lines(arms: dict[str, Any]) -> list[str]:
+    """Seconds per step by phase."""
+    lines: list[str] = []
+    lines += ["", "Time per step by phase (s):", "", "| arm | " + " | ".join(PHASES) + " |",
+              "|---|" + "---:|" * len(PHASES)]
+    for name, a in arms.items():
+        lines.append(f"| {name} | " + " | ".join(_f(a["seconds_per_step"][p], ".1f") for p in PHASES) + " |")
+    return lines
+
+
+def _cascade_lines(arms: dict[str, Any]) -> list[str]:
+    """Per-arm cascade drops, for pairs with a cascade."""
+    lines: list[str] = []
+    if any(a["cascade"] for a in arms.values()):
+        lines += ["", "Cascade: per-position KL to the teacher on held-out prompts, base vs trained student "
+                  "(position-weighted, the same window [0, N) for every arm; the paper saw 30-40% beyond N):", "",
+                  "| arm | window N | KL before -> after inside | drop inside | KL before -> after beyond | "
+                  "drop beyond | drop beyond (token-weighted) | drop beyond, half alive (positions) |",
+                  "|---|---:|---|---:|---|---:|---:|---:|"]
+        for name, a in arms.items():
+            c = a["cascade"]
+            if c:
+                m = c["means"]
+                lines.append(f"| {name} | {c['n']} | {_f(m['before_in'])} -> {_f(m['after_in'])} | "
+                             f"{_f(c['drop_in_pct'], '.1f')}% | {_f(m['before_beyond'])} -> {_f(m['after_beyond'])}"
+                             f" | {_f(c['drop_beyond_pct'], '.1f')}% | {_f(c['drop_beyond_pct_tokens'], '.1f')}% | "
+                             f"{_f(c['drop_beyond_pct_half_alive'], '.1f')}% ({c['positions_half_alive']}) |")
+    return lines
+
+
 def markdown(summary: dict[str, Any]) -> str:
+    """The pair's tables as markdown: accuracy per arm, each evaluation, longer caps, EffOPD jumps, time per phase,
+    cascade and modes."""
     arms = summary["arms"]
     steps = sorted({e["step"] for a in arms.values() for e in a["evals"]})
     lines = [f"# Claims study, pair `{summary['pair']}`", ""]
@@ -173,57 +256,11 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{_f(a['seconds_per_step_total'], '.1f')} | {_f(a['tflops_per_step'], '.1f')} | "
                      f"{_f(a['response_len_mean'], '.0f')} | {_f(a['trained_share'], '.2f')} | "
                      f"{a['collapse_warnings']} |")
-    lines += ["", "Each evaluation in detail (cut: share of answers that hit the token cap, so count as wrong; "
-              "relaxed: the gold answer anywhere in the text; opens like the teacher: the first three words are those "
-              "of the teacher's answer to the same problem; with '=': the answer shows any working):", "",
-              "| arm | step | accuracy | relaxed | cut | length p10 / p50 / p90 | repeated 4-grams | opens like "
-              "the teacher | with '=' |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, a in arms.items():
-        for e in a["evals"]:
-            lines.append(f"| {name} | {e['step']} | {_f(e['accuracy'])} | {_f(e.get('relaxed_accuracy'))} | "
-                         f"{_f(e.get('cut_share'), '.2f')} | {_f(e.get('length_p10'), '.0f')} / "
-                         f"{_f(e.get('length_p50'), '.0f')} / {_f(e.get('length_p90'), '.0f')} | "
-                         f"{_f(e.get('repeated_4gram_share'), '.3f')} | {_f(e.get('opens_like_teacher'), '.2f')} | "
-                         f"{_f(e.get('with_equals'), '.2f')} |")
-    if summary.get("longer_caps"):
-        lines += ["", "The same evaluations under a longer token cap (`studies/longer_cap.py`: only the answers the "
-                  "first cap cut were generated again):", "",
-                  "| model | cap | accuracy | cap | accuracy | relaxed | cut | median length | regenerated |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in summary["longer_caps"]:
-            lines.append(f"| {r['name']} | {r['previous_max_new_tokens']} | {_f(r['previous_accuracy'])} | "
-                         f"{r['max_new_tokens']} | {_f(r['accuracy'])} | {_f(r['relaxed_accuracy'])} | "
-                         f"{_f(r['cut_share'], '.2f')} | {_f(r['length_p50'], '.0f')} | "
-                         f"{r['regenerated']} of {r['n_problems']} |")
-    jumps = {name: a["extrapolation"] for name, a in arms.items() if a.get("extrapolation")}
-    if jumps:
-        lines += ["", "EffOPD extrapolation at each scheduled step (probe: the held-out reverse KL the jump is judged "
-                  "on; a jump is kept only if it lowers it):", "",
-                  "| arm | step | jumps tried | alphas kept | probe KL before -> after |", "|---|---:|---:|---|---:|"]
-        for name, events in jumps.items():
-            for e in events:
-                kept = ", ".join(f"{x:.2f}" for x in e["alphas_accepted"] or []) or "none"
-                lines.append(f"| {name} | {e['step']} | {e['tries']} | {kept} | {_f(e['score_before'])} -> "
-                             f"{_f(e['score_after'])} |")
-    lines += ["", "Time per step by phase (s):", "", "| arm | " + " | ".join(PHASES) + " |",
-              "|---|" + "---:|" * len(PHASES)]
-    for name, a in arms.items():
-        lines.append(f"| {name} | " + " | ".join(_f(a["seconds_per_step"][p], ".1f") for p in PHASES) + " |")
-    if any(a["cascade"] for a in arms.values()):
-        lines += ["", "Cascade: per-position KL to the teacher on held-out prompts, base vs trained student "
-                  "(position-weighted, the same window [0, N) for every arm; the paper saw 30-40% beyond N):", "",
-                  "| arm | window N | KL before -> after inside | drop inside | KL before -> after beyond | "
-                  "drop beyond | drop beyond (token-weighted) | drop beyond, half alive (positions) |",
-                  "|---|---:|---|---:|---|---:|---:|---:|"]
-        for name, a in arms.items():
-            c = a["cascade"]
-            if c:
-                m = c["means"]
-                lines.append(f"| {name} | {c['n']} | {_f(m['before_in'])} -> {_f(m['after_in'])} | "
-                             f"{_f(c['drop_in_pct'], '.1f')}% | {_f(m['before_beyond'])} -> {_f(m['after_beyond'])}"
-                             f" | {_f(c['drop_beyond_pct'], '.1f')}% | {_f(c['drop_beyond_pct_tokens'], '.1f')}% | "
-                             f"{_f(c['drop_beyond_pct_half_alive'], '.1f')}% ({c['positions_half_alive']}) |")
+    lines += _evaluation_lines(arms)
+    lines += _longer_cap_lines(summary.get("longer_caps") or [])
+    lines += _extrapolation_lines(arms)
+    lines += _phase_lines(arms)
+    lines += _cascade_lines(arms)
     if summary.get("modes_markdown"):
         lines += ["", summary["modes_markdown"].replace("# Modes", "## Modes")]
     return "\n".join(lines) + "\n"
