@@ -55,6 +55,8 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     modes.add_argument("run", type=Path)
     modes.add_argument("--against", type=Path, action="append", default=[], help="another run to compare")
     modes.add_argument("--top-share", type=float, default=0.10)
+    modes.add_argument("--fresh", action="store_true",
+                       help="sample every model again (default: keep the rows of OUT/modes.json made the same way)")
     tokens = kinds.add_parser("tokens", help="KL by token category and position range", epilog=ANALYZE_EXAMPLES,
                               formatter_class=raw)
     tokens.add_argument("target", help="a run folder (its last checkpoint) or a model spec (then --teacher)")
@@ -106,7 +108,7 @@ def run_analysis(args: argparse.Namespace) -> int:
 
         out = args.out or args.run / "analysis"
         run_modes([args.run, *args.against], out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
-                  top_share=args.top_share, progress=progress)
+                  top_share=args.top_share, reuse=not args.fresh, progress=progress)
         print(f"results in {out}")
     else:
         from esr.analysis.tokens import run_token_analysis

@@ -99,7 +99,8 @@ def trained(run_dir: Path, steps: int) -> bool:
 
 def modes_cover(path: Path, arms: list[str]) -> bool:
     """Whether a finished modes analysis (``path``) has a row for each of ``arms`` (rows are named ``<arm>/<ckpt>``);
-    an arm trained since it ran makes the study run it again, over all of them."""
+    an arm trained since it ran makes the study run it again, over all of them (sampling only the new arm: run_modes
+    keeps the rows it already has)."""
     if not done(path):
         return False
     names = {row["name"].split("/")[0] for row in json.loads(path.read_text())["rows"]}

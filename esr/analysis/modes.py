@@ -17,6 +17,10 @@ Every model (the base student, the teacher, each run's trained student) samples 
     at ``max_new_tokens`` (their true length is longer), for every model.
 
     result = run_modes(["runs/esr-...", "runs/full-..."], "runs/compare")      # writes modes.json, modes.md
+
+Rows are reused: when ``out_dir``/modes.json was made with the same sampling (``Sampling``), a model whose row it
+holds (same name and spec, a checkpoint not written since) is not sampled again, so adding one run to a finished
+comparison costs that run alone (``reuse=False``: redo every row).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,9 +73,39 @@ class ModesResult:
     prompts: str
     rows: list[ModelRow]
     seconds: dict[str, float] = field(default_factory=dict)
+    seed: int = 1234
+    temperature: float | None = None
+    top_p: float | None = None
+    prompt_keys: list[str] | None = None
+    """The held-out prompts' source ids (None in files written before they were recorded)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def sampling(self) -> dict[str, Any]:
+        """What a row depends on besides its model: rows of two results with equal sampling() are comparable."""
+        return {k: getattr(self, k) for k in ("rollouts", "max_new_tokens", "top_share", "prompts", "seed",
+                                               "temperature", "top_p", "prompt_keys")}
+
+
+def reusable_rows(path: Path, wanted: ModesResult) -> dict[tuple[str, str], ModelRow]:
+    """Rows of an earlier modes.json at ``path`` made with ``wanted``'s sampling, keyed by (name, spec); a row whose
+    spec is a checkpoint folder written after the file is left out. Fields the file lacks (older files) are not
+    compared."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    for key, value in wanted.sampling().items():
+        if key in old and old[key] is not None and old[key] != value:
+            return {}
+    made = path.stat().st_mtime
+    rows = {}
+    for r in old["rows"]:
+        spec = Path(r["spec"])
+        if spec.exists() and spec.stat().st_mtime > made:
+            continue
+        rows[(r["name"], r["spec"])] = ModelRow(r["name"], r["spec"], r["lengths"], r["modes"])
+    return rows
 
 
 def mode_shares(student_top1_N: torch.Tensor, teacher_topk_N_K: torch.Tensor) -> dict[str, float]:
@@ -119,10 +154,12 @@ def rollout_lengths(rollouts: Rollouts) -> dict[str, float]:
 
 def run_modes(
     run_dirs: list[str | Path], out_dir: str | Path, *, rollouts: int = 16, max_new_tokens: int = 512,
-    top_share: float = 0.10, seed: int = 1234, checkpoint: str | int = "last", progress: bool = True,
+    top_share: float = 0.10, seed: int = 1234, checkpoint: str | int = "last", reuse: bool = True,
+    progress: bool = True,
 ) -> ModesResult:
     """Mode shares and length percentiles of base student, teacher and each run's ``checkpoint``; writes
-    ``out_dir``/modes.json and modes.md. All runs must share the student and teacher of the first."""
+    ``out_dir``/modes.json and modes.md. All runs must share the student and teacher of the first. With ``reuse``
+    the rows of an earlier modes.json in ``out_dir`` made with the same sampling are kept (module docstring)."""
     if not run_dirs:
         raise AnalysisError("run_modes needs at least one run folder")
     cfgs = [load_run_config(d) for d in run_dirs]
@@ -137,15 +174,22 @@ def run_modes(
     with phase("load teacher", seconds, progress):
         teacher, teacher_tok = load_for_analysis(cfg.teacher.name, cfg)
         held = heldout_prompts(cfg, teacher_tok, rollouts)
-    with phase("sample teacher", seconds, progress):
-        teacher_ro = sample_rollouts(teacher, teacher_tok, cfg, held.prompt_ids, max_new_tokens, seed)
-    teacher_row = ModelRow("teacher", cfg.teacher.name, rollout_lengths(teacher_ro), None)
+    result = ModesResult(rollouts, max_new_tokens, top_share, held.how, [], seed=seed,
+                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, prompt_keys=list(held.ids))
+    old = reusable_rows(Path(out_dir) / "modes.json", result) if reuse else {}
+    if old and progress:
+        print(f"modes: reusing {len(old)} row(s) of {Path(out_dir) / 'modes.json'}", file=sys.stderr)
+    teacher_row = old.get(("teacher", cfg.teacher.name))
+    if teacher_row is None:
+        with phase("sample teacher", seconds, progress):
+            teacher_ro = sample_rollouts(teacher, teacher_tok, cfg, held.prompt_ids, max_new_tokens, seed)
+        teacher_row = ModelRow("teacher", cfg.teacher.name, rollout_lengths(teacher_ro), None)
     students = [("base student", cfg.student.name)]
     students += [(f"{Path(d).name}/{c.name}", str(c)) for d, c in zip(run_dirs, ckpts, strict=True)]
-    rows = [_student_row(name, spec, teacher, cfg, held.prompt_ids, max_new_tokens, seed, top_share, seconds,
-                         progress) for name, spec in students]
-    result = ModesResult(rollouts, max_new_tokens, top_share, held.how, [rows[0], teacher_row, *rows[1:]],
-                         {k: round(v, 2) for k, v in seconds.items()})
+    rows = [old.get((name, spec)) or _student_row(name, spec, teacher, cfg, held.prompt_ids, max_new_tokens, seed,
+                                                  top_share, seconds, progress) for name, spec in students]
+    result.rows = [rows[0], teacher_row, *rows[1:]]
+    result.seconds = {k: round(v, 2) for k, v in seconds.items()}
     write_modes(result, Path(out_dir))
     return result
 

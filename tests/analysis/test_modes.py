@@ -142,3 +142,22 @@ def test_run_modes_refuses_runs_of_different_pairs(tiny_run, tmp_path):
     save_config(load_config("configs/smoke.yaml", ["teacher.name=tiny-student"]), other / "config.yaml")
     with pytest.raises(AnalysisError, match="compare runs of one pair"):
         run_modes([tiny_run, other], tmp_path / "out", progress=False)
+
+
+def test_run_modes_reuses_rows_of_an_earlier_result(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    first = run_modes([tiny_run], out, rollouts=3, max_new_tokens=10, top_share=0.2, checkpoint=2, progress=False)
+    # Another checkpoint of the run: base student and teacher come from the file, only the new row is sampled.
+    second = run_modes([tiny_run], out, rollouts=3, max_new_tokens=10, top_share=0.2, checkpoint=1, progress=False)
+    assert [r.name for r in second.rows] == ["base student", "teacher", "run/step-000001"]
+    assert second.rows[:2] == first.rows[:2]
+    assert "sample teacher" not in second.seconds and "sample base student" not in second.seconds
+    assert "sample run/step-000001" in second.seconds
+    # Other sampling (top_share): nothing is reused; reuse=False: nothing is reused either.
+    third = run_modes([tiny_run], out, rollouts=3, max_new_tokens=10, top_share=0.5, checkpoint=1, progress=False)
+    assert "sample teacher" in third.seconds and "sample base student" in third.seconds
+    fresh = run_modes([tiny_run], out, rollouts=3, max_new_tokens=10, top_share=0.5, checkpoint=1, reuse=False,
+                      progress=False)
+    assert "sample run/step-000001" in fresh.seconds
+    assert json.loads((out / "modes.json").read_text())["prompt_keys"] == fresh.prompt_keys
+    assert len(fresh.prompt_keys) == 3
