@@ -163,3 +163,34 @@ def test_aligned_by_kind_splits_tokens_into_math_and_words(script, needs_smollm2
     result = kinds.aligned_by_kind(["So 12 + 3 = 15 apples.", "No working here."], tok, tok)
     assert result["math"][0] == result["words"][0] == 1.0  # one tokenizer cuts every token the same way
     assert result["math"][1] >= 5 and result["words"][1] >= 5
+
+
+def test_math500_evaluates_the_chosen_levels_resumes_and_splices(study, script, tmp_path):
+    """studies/math500.py: only the rows of the asked levels are evaluated (the first --limit of them), for the base
+    student and each arm's last checkpoint; a second call reuses them; the table lands between its markers."""
+    _, _, tmp, _ = study
+    data = tmp_path / "math500.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i), "level": 1 + i % 3,
+                                        "unique_id": f"p{i}"}) + "\n" for i in range(9)))
+    page = tmp_path / "RESULTS.md"
+    begin, end = "<!-- claims_summary runs-math500 -->", "<!-- /claims_summary runs-math500 -->"
+    page.write_text(f"before\n{begin}\nSTALE TABLE\n{end}\nafter\n")
+    math500 = script(STUDIES / "math500.py")
+    argv = [str(tmp / "runs"), "--arms", "esr-8", "full-16", "--levels", "1", "2", "--limit", "4",
+            "--max-new-tokens", "4", "--batch", "2", "--data", str(data), "--into", str(page), "--no-progress"]
+    results = math500.main(argv)
+    out = tmp / "runs" / "math500-l12"
+    chosen = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    assert [r["level"] for r in chosen] == [1, 2, 1, 2, 1, 2]  # level 3 rows left out, file order kept
+    assert list(results) == ["base student", "esr-8/step-000002", "full-16/step-000002"]
+    assert all(s["n_problems"] == 4 and s["max_new_tokens"] == 4 for s in results.values())
+    samples = [json.loads(line) for line in (out / "esr-8_step-000002" / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in samples] == [f"problems.jsonl:{i}" for i in range(1, 5)]
+    stamp = (out / "base-student" / "summary.json").stat().st_mtime_ns
+    math500.main(argv)
+    assert (out / "base-student" / "summary.json").stat().st_mtime_ns == stamp
+    text = page.read_text()
+    assert "STALE" not in text and "| esr-8/step-000002 |" in text and "The first 4 of the 6 problems" in text
+    assert text.startswith("before\n") and text.endswith("after\n")
+    with pytest.raises(SystemExit, match="no row has a level in"):
+        math500.main([*argv[:3], "--levels", "7", "--data", str(data), "--no-progress"])
