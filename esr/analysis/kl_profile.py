@@ -20,6 +20,13 @@ Cumulative KL and the recommended N (the paper's rule of thumb: supervise the pr
 ``cumulative_mass`` is the variant that sums KL over rollouts instead of averaging, the share of the token-level
 KL total (what a full-rollout OPD loss sees); it is written to the JSON as a second opinion, N comes from C(t).
 
+Top-k share (what ``loss.select=top-kl-n`` keeps of the loss): for each rollout b with alive tokens A_b,
+
+    S_k(b) = sum of the k largest KL_t over A_b / sum_{t in A_b} KL_t      (1 when |A_b| <= k)
+
+reported as the mean over rollouts and pooled (top-k sums over all rollouts / their KL total) for k = 50, 100, 200,
+with the mean share of tokens it keeps, k / |A_b| capped at 1 (the paper: the top-100 carry ~93% of the loss).
+
     run_kl_profile("configs/quickstart.yaml", "runs/profile", rollouts=8, max_new_tokens=256).recommended_n
 """
 
@@ -274,6 +281,18 @@ def summarize_profile(values_B_R: dict[str, torch.Tensor], mask_B_R: torch.Tenso
 
 
 
+def top_k_share(kl_B_R: torch.Tensor, mask_B_R: torch.Tensor, k: int) -> dict[str, float]:
+    """Share of each rollout's KL held by its k highest-KL alive tokens (module docstring): ``mean`` over rollouts
+    with any KL, ``pooled`` over all of them, and ``tokens``: the mean share of alive tokens kept."""
+    kl = torch.where(mask_B_R.bool(), kl_B_R.double(), torch.zeros((), dtype=torch.float64))
+    top_B = kl.topk(min(k, kl.shape[1]), dim=1).values.sum(dim=1)  # KL >= 0, so dead (0) slots never outrank
+    total_B, alive_B = kl.sum(dim=1), mask_B_R.sum(dim=1).double()
+    has = total_B > 0
+    return {"k": k, "mean": float((top_B[has] / total_B[has]).mean()) if has.any() else float("nan"),
+            "pooled": float(top_B.sum() / total_B.sum()) if has.any() else float("nan"),
+            "tokens": float((k / alive_B[alive_B > 0]).clamp(max=1.0).mean()) if (alive_B > 0).any() else 0.0}
+
+
 def profile_summary(profile: KLProfile) -> dict[str, Any]:
     """What ``kl_profile.json`` holds: settings, N, C(t) at a few positions, per-bucket statistics, timings."""
     mask = profile.mask_B_R
@@ -286,6 +305,7 @@ def profile_summary(profile: KLProfile) -> dict[str, Any]:
         "recommended_n": profile.recommended_n, "share": profile.share,
         "recommended_n_mass": recommend_n(profile.cumulative_mass_T, profile.share),
         "cumulative_kl_at": at, "token_mean_kl": float(kl.sum() / mask.sum()) if mask.any() else 0.0,
+        "top_k_kl_share": [top_k_share(kl, mask, k) for k in (50, 100, 200)],
         "response_length": {"mean": float(lengths.mean()), "p50": float(lengths.median()), "max": int(lengths.max())},
         "cut_share": float(torch.cat([b.cut_B for b in profile.rollouts]).float().mean()) if profile.rollouts else 0.0,
         "settings": profile.settings, "seconds": profile.seconds, "bucket": profile.bucket, "buckets": buckets,

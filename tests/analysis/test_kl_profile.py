@@ -18,9 +18,11 @@ from esr.analysis.kl_profile import (
     kl_profile,
     kl_profile_session,
     position_stats,
+    profile_summary,
     recommend_n,
     run_kl_profile,
     summarize_profile,
+    top_k_share,
 )
 from esr.analysis.pair import require_shared_vocabulary
 from esr.config import ConfigError
@@ -72,6 +74,20 @@ def test_summary_uses_the_mean_over_alive_rollouts_and_reports_the_mass_variant(
     assert p.recommended_n == 2  # C from the means [4, 3, 2, 1]
     np.testing.assert_allclose(p.cumulative_mass_T, [8 / 14, 11 / 14, 13 / 14, 1.0])  # sums [8, 3, 2, 1]
     assert p.buckets["teacher_entropy"][0].mean == pytest.approx((12 + 9 + 12) / 3)
+
+
+def test_top_k_share_on_hand_data():
+    # Row 1: alive KL [4, 3, 2, 1] (total 10), top 2 = 7 -> 0.7 of its KL, 2 of 4 tokens. Row 2: one alive token
+    # (the masked 9 never counts), all of its KL with k >= 1. Row 3: nothing alive: no share, no tokens.
+    kl = torch.tensor([[4.0, 3.0, 2.0, 1.0], [5.0, 9.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False], [False] * 4])
+    top = top_k_share(kl, mask, 2)
+    assert top["mean"] == pytest.approx((0.7 + 1.0) / 2) and top["pooled"] == pytest.approx((7 + 5) / 15)
+    assert top["tokens"] == pytest.approx((2 / 4 + 1.0) / 2)
+    assert top_k_share(kl, mask, 10)["mean"] == pytest.approx(1.0)  # k past the width: everything
+    summary = profile_summary(summarize_profile({"kl": kl, "student_entropy": kl, "teacher_entropy": kl}, mask,
+                                                share=0.45, bucket=2))
+    assert [t["k"] for t in summary["top_k_kl_share"]] == [50, 100, 200]
 
 
 @pytest.fixture(scope="module")
