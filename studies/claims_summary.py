@@ -245,7 +245,8 @@ def markdown(summary: dict[str, Any]) -> str:
                   f"'=': {_f(style.get('with_equals'), '.2f')}).", ""]
     lines += ["Held-out accuracy (GSM8K test, greedy; step 0 is the base student). Share trained: the share of "
               "generated tokens the loss covered (under 1 where a token selection keeps some, or where a "
-              "cross-tokenizer pair leaves out tokens the two tokenizers cut differently):", "",
+              "cross-tokenizer pair leaves out tokens the two tokenizers cut differently). Train KL is the mean over the "
+              "tokens the loss covered, so an arm that keeps its highest-KL tokens shows a higher one:", "",
               "| arm | steps run | " + " | ".join(f"step {s}" for s in steps) + " | best | train KL first 3 -> "
               "last 3 | s/step | TFLOPs/step | mean response len | share trained | collapse warnings |",
               "|---|---:|" + "---:|" * (len(steps) + 7)]
@@ -290,7 +291,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             axes[3].plot(smooth, label=f"{name} (N={c['n']})")
             axes[3].axvline(c["n"], color="grey", ls=":", lw=0.8)
     axes[0].set(title="held-out accuracy (GSM8K test)", xlabel="step", ylabel="accuracy")
-    axes[1].set(title="training KL (own rollouts)", xlabel="step", ylabel="mean reverse KL per token")
+    axes[1].set(title="training KL (own rollouts)", xlabel="step", ylabel="mean reverse KL per trained token")
     axes[2].set(title="held-out answers showing working (an '=')", xlabel="step", ylabel="share of answers",
                 ylim=(-0.05, 1.05))
     if has_cascade:
