@@ -77,12 +77,12 @@ def run_probe(args: argparse.Namespace) -> int:
 
         result = run_kl_profile(args.config, args.out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
                                 share=args.share, bucket=args.bucket, progress=progress)
-        from esr.analysis.kl_profile import top_k_share
+        from esr.analysis.kl_profile import recommend_n, top_k_share
 
         top = top_k_share(result.values_B_R["kl"], result.mask_B_R, 100)
-        print(f"recommended N = {result.recommended_n} (cumulative KL reaches {args.share:.0%}); the 100 highest-KL "
-              f"tokens of a rollout hold {top['mean']:.0%} of its KL ({top['tokens']:.0%} of its tokens); "
-              f"results in {args.out}")
+        print(f"recommended N = {result.recommended_n} (cumulative KL reaches {args.share:.0%}; token-mass rule: N = "
+              f"{recommend_n(result.cumulative_mass_T, args.share)}); the 100 highest-KL tokens of a rollout hold "
+              f"{top['mean']:.0%} of its KL ({top['tokens']:.0%} of its tokens); results in {args.out}")
         return 0
     from esr.analysis.decay import run_decay
 
