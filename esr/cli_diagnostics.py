@@ -4,6 +4,7 @@ one call into ``esr.analysis``."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 PROBE_EXAMPLES = """examples:
@@ -77,11 +78,10 @@ def run_probe(args: argparse.Namespace) -> int:
 
         result = run_kl_profile(args.config, args.out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
                                 share=args.share, bucket=args.bucket, progress=progress)
-        from esr.analysis.kl_profile import recommend_n, top_k_share
-
-        top = top_k_share(result.values_B_R["kl"], result.mask_B_R, 100)
+        summary = json.loads((args.out / "kl_profile.json").read_text())  # what write_profile derived, read back
+        top = next(t for t in summary["top_k_kl_share"] if t["k"] == 100)
         print(f"recommended N = {result.recommended_n} (cumulative KL reaches {args.share:.0%}; token-mass rule: N = "
-              f"{recommend_n(result.cumulative_mass_T, args.share)}); the 100 highest-KL tokens of a rollout hold "
+              f"{summary['recommended_n_mass']}); the 100 highest-KL tokens of a rollout hold "
               f"{top['mean']:.0%} of its KL ({top['tokens']:.0%} of its tokens); results in {args.out}")
         return 0
     from esr.analysis.decay import run_decay
