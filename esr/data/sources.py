@@ -133,15 +133,22 @@ def _gsm_symbolic_row(row: Mapping[str, object], instruction: str) -> tuple[list
     return _ask(question, instruction), _gold(row, "answer", required=True)
 
 
+_PROMPT_FIELDS = ("prompt", "question", "problem")
+"""The string fields a generic row may hold its prompt in, in order of preference (``messages`` comes first)."""
+
+
 def _jsonl_row(row: Mapping[str, object], instruction: str) -> tuple[list[dict[str, str]], str | None]:
-    """Generic row: ``prompt`` (string) or ``messages`` (chat list), used as written; optional ``answer``."""
+    """Generic row: ``messages`` (chat list) or a string ``prompt`` / ``question`` / ``problem``, used as written;
+    optional ``answer``."""
     del instruction  # generic prompts are used exactly as the user wrote them
     if "messages" in row:
         messages = _chat(row["messages"])
-    elif "prompt" in row:
-        messages = [{"role": "user", "content": _text(row, "prompt")}]
     else:
-        raise _Skip(f"missing field 'prompt' or 'messages'{_near_miss(row, 'prompt', 'messages')}")
+        field = next((key for key in _PROMPT_FIELDS if key in row), None)
+        if field is None:
+            raise _Skip(f"missing field 'prompt', 'question', 'problem' or 'messages'"
+                        f"{_near_miss(row, *_PROMPT_FIELDS, 'messages')}")
+        messages = [{"role": "user", "content": _text(row, field)}]
     return messages, _gold(row, "answer", required=False)
 
 
@@ -170,7 +177,9 @@ _FORMATS = {
     "gsm8k": _Format(_gsm8k_row, "JSON objects with string fields 'question' and 'answer' (ending in '#### N')"),
     "math": _Format(_math_row, "JSON objects with string fields 'problem' and 'answer'"),
     "jsonl": _Format(
-        _jsonl_row, "JSON objects with a string 'prompt' or a list 'messages' of {role, content}, optional 'answer'"
+        _jsonl_row,
+        "JSON objects with a string 'prompt' (or 'question' / 'problem') or a list 'messages' of {role, content}, "
+        "optional 'answer'",
     ),
     "gsm_symbolic": _Format(_gsm_symbolic_row, "items with string fields 'question' and 'answer'"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import types
@@ -139,9 +140,23 @@ def test_jsonl_messages_must_be_chat_turns(write_jsonl):
         "a message is not an object with string 'role' and 'content'": 1,
         "field 'messages' has no non-empty user turn": 1,
         "field 'answer' is not a string or number": 1,
-        "missing field 'prompt' or 'messages'": 1,
+        "missing field 'prompt', 'question', 'problem' or 'messages'": 1,
     }
     assert [p.id for p in got.prompts] == ["data.jsonl:6"]
+
+
+def test_jsonl_takes_the_prompt_from_question_or_problem_as_the_readme_says(write_jsonl):
+    """README: `jsonl` rows have `question`/`problem`/`prompt` and `answer` (a GSM8K-style file works as is)."""
+    path = write_jsonl([
+        {"question": "How many legs has a cat?", "answer": "4"},
+        {"problem": "What is $1+1$?", "answer": 2},
+        {"prompt": "Say hi."},
+        {"questoin": "typo"},
+    ])
+    got = load_prompts(DataConfig(source="jsonl", path=str(path)))
+    assert [p.messages[-1]["content"] for p in got.prompts] == ["How many legs has a cat?", "What is $1+1$?", "Say hi."]
+    assert [p.answer for p in got.prompts] == ["4", "2", None]
+    assert got.skip_reasons == {"missing field 'prompt', 'question', 'problem' or 'messages' (found 'questoin')": 1}
 
 
 def test_all_bad_file_error_names_file_counts_lines_and_expected_fields(write_jsonl):
@@ -190,7 +205,19 @@ def test_limit_below_one_is_rejected():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hugging Face datasets (offline: the missing library, and a stand-in module for the format detection)
+# Hugging Face datasets (offline: a real local dataset folder, the missing library, and a stand-in module for the
+# hub ids, config names and failures that need the hub)
+
+
+def test_hf_reads_a_local_dataset_folder_with_the_real_library(tmp_path):
+    pytest.importorskip("datasets", reason="the [hf] extra: pip install -e '.[hf]' (the [test] extra includes it)")
+    folder = tmp_path / "my_gsm"
+    folder.mkdir()
+    rows = [{"question": "Q1?", "answer": "so #### 1,000"}, {"question": "Q2?", "answer": "no marker"}]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    got = load_prompts(DataConfig(source=f"hf:{folder}", split="train", instruction=""))
+    assert got.prompts == (Prompt(f"{folder}/train:1", (_user("Q1?"),), "1000"),)
+    assert got.skip_reasons == {"field 'answer' has no '#### N'": 1}
 
 
 def test_hf_without_datasets_says_how_to_install(monkeypatch):
