@@ -7,6 +7,7 @@ never leaves a duplicated or missing step.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -161,6 +162,9 @@ def _line_step(line: str) -> int:
 def _tensorboard_writer(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+    except ImportError:  # tensorboard is optional: say once per run what is not written and how to get it
+        logging.getLogger("esr.train").info(
+            "TensorBoard is not installed: %s is not written (metrics.jsonl is). "
+            "pip install 'esr-distill[tensorboard]'", folder)
         return None
     return SummaryWriter(str(folder))
