@@ -10,7 +10,7 @@
 # Uncommitted changes are not in the clone: commit first. Caches kept: pip's downloads and $ESR_CACHE (files only).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-fast=(tests/test_readme.py tests/test_readme_examples.py::test_every_readme_command_is_covered
+fast=(tests/test_readme.py tests/test_packaging.py tests/test_readme_examples.py::test_every_readme_command_is_covered
       tests/test_readme_examples.py::test_readme_library_example tests/train/test_metrics_log.py
       tests/data/test_data_sources.py tests/serve/test_server.py tests/test_config.py)
 case "${1:-}" in
