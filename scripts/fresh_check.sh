@@ -23,6 +23,8 @@ esac
 work="$(mktemp -d "${TMPDIR:-/tmp}/esr-fresh.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 git clone -q "$repo" "$work/esr"
+# CI lays shared/ (the data files some tests read) beside the clone; so does this script, when the checkout has one.
+[ ! -d "$repo/../shared" ] || ln -s "$(cd "$repo/../shared" && pwd)" "$work/shared"
 cd "$work/esr"
 echo "== fresh clone of $(git rev-parse --short HEAD) in $work/esr"
 [ -z "$(git -C "$repo" status --porcelain --untracked-files=no)" ] || echo "   (uncommitted changes in $repo are not checked)"
