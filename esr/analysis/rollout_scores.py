@@ -28,6 +28,7 @@ from torch import nn
 
 from esr.config import Config, load_config
 from esr.data.heldout import HELDOUT_SEED, HeldOutPrompts, heldout_prompts  # noqa: F401  (re-exported)
+from esr.errors import EsrError
 from esr.losses import reverse_kl
 from esr.models import load_model
 from esr.models.forward import head_logits, response_hidden
@@ -40,7 +41,7 @@ from esr.types import Rollouts
 
 log = logging.getLogger("esr.analysis")
 
-class AnalysisError(ValueError):
+class AnalysisError(EsrError, ValueError):
     """An analysis cannot run as asked (cross-tokenizer pair, no checkpoint, mismatched runs); the message says why."""
 
 

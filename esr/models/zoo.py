@@ -36,16 +36,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from esr.errors import EsrError
+
 RANDOM_PREFIX = "random:"
 ZOO_REQUIREMENTS = "pip install --no-deps -r requirements/assets.txt"
 _MARKER = "zoo.json"  # written last into a converted folder; its presence (and sha256) means "cached and complete"
 _BLOCK = 1 << 20
 
-class ZooPackageMissing(RuntimeError):
+class ZooPackageMissing(EsrError, RuntimeError):
     """A zoo preset's PyPI package is not installed; the message gives the exact pip command."""
 
 
-class ZooChecksumError(RuntimeError):
+class ZooChecksumError(EsrError, RuntimeError):
     """The assembled GGUF does not have the pinned sha256 (a corrupt, partial or substituted package)."""
 
 
