@@ -211,11 +211,11 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{args.name}: cached at {path}")
         return 0
     table = Table(title=f"esr model zoo (cache: {zoo.cache_root()})")
-    for col in ("preset", "params", "installed", "cached", "install with"):
+    for col in ("preset", "params", "installed", "cached"):
         table.add_column(col)
     for row in zoo.status():
         table.add_row(row["name"], str(row["params"]), "yes" if row["installed"] else "no",
-                      "yes" if row["cached"] else "no", row.get("install", ""))
+                      "yes" if row["cached"] else "no")
     Console().print(table)
     return 0
 

@@ -168,7 +168,6 @@ TINY: dict[str, TinyPreset] = {
                    tokenizer_from="qwen2.5-coder-0.5b-instruct"),
     )
 }
-TINY_TOKENIZER_FROM = "smollm2-135m-instruct"  # the tokenizer of tiny-student and tiny-teacher
 
 
 class PresetStatus(TypedDict):
