@@ -28,11 +28,11 @@ from tempfile import TemporaryDirectory
 
 import torch
 
-from esr.analysis.plots import new_figure, save_png
 from esr.config import load_config
 from esr.data.heldout import HeldOutPrompts, heldout_prompts
 from esr.optim import make_extrapolator
 from esr.optim.probe import kl_probe
+from esr.plots import new_figure, save_png
 from esr.train.loop import run_step
 from esr.train.session import build_session
 

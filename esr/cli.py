@@ -10,6 +10,7 @@ from pathlib import Path
 from esr.cli_diagnostics import add_parsers as add_diagnostic_parsers
 from esr.cli_diagnostics import run_analysis, run_probe
 from esr.cli_serve import add_serve_parser, run_serve
+from esr.errors import EsrError
 
 EXAMPLES = """examples:
   esr train configs/quickstart.yaml                       # ESR (N=100) distillation, Qwen 0.5B <- 1.5B, on CPU
@@ -91,13 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from esr.errors import USER_ERRORS  # deferred: importing torch takes seconds, --help should not
-
     try:
         verbs = {"train": _train, "generate": _generate, "eval": _eval, "probe": run_probe, "analyze": run_analysis,
                  "report": _report, "models": _models, "serve-teacher": run_serve}
         return verbs[args.verb](args)
-    except USER_ERRORS as e:
+    except (EsrError, FileNotFoundError) as e:  # a message the user can act on, not a traceback
         if args.verbose:
             raise
         print(f"esr: error: {e}", file=sys.stderr)
@@ -212,11 +211,11 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{args.name}: cached at {path}")
         return 0
     table = Table(title=f"esr model zoo (cache: {zoo.cache_root()})")
-    for col in ("preset", "params", "installed", "cached", "install with"):
+    for col in ("preset", "params", "installed", "cached"):
         table.add_column(col)
     for row in zoo.status():
         table.add_row(row["name"], str(row["params"]), "yes" if row["installed"] else "no",
-                      "yes" if row["cached"] else "no", row.get("install", ""))
+                      "yes" if row["cached"] else "no")
     Console().print(table)
     return 0
 

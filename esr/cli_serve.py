@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_TOKEN_ENV = "ESR_TEACHER_TOKEN"
+from esr.errors import EsrError
+from esr.serve import DEFAULT_TOKEN_ENV
 
 EXAMPLES = """examples:
   esr serve-teacher qwen2.5-coder-1.5b-instruct                     # http://127.0.0.1:8000, no token
@@ -76,11 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(["serve-teacher", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from esr.errors import USER_ERRORS
-
     try:
         return run_serve(args)
-    except USER_ERRORS as e:
+    except (EsrError, FileNotFoundError) as e:
         print(f"esr: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

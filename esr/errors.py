@@ -1,17 +1,11 @@
-"""The errors a user can cause and fix; the CLI prints these as one clear line instead of a traceback."""
+"""The base of every error a user can cause and fix: ``EsrError``.
 
-from esr.analysis.rollout_scores import AnalysisError
-from esr.config import ConfigError
-from esr.data import DataError
-from esr.models.load import ModelSpecError
-from esr.models.zoo import ZooChecksumError, ZooPackageMissing
-from esr.report import ReportError
-from esr.serve.errors import RemoteTeacherError
-from esr.train.checkpoint import CheckpointError
-from esr.train.loop import NonFiniteLossError, RunFolderError, StepOutOfMemoryError
+Each error class subclasses it where it is raised (``ConfigError`` in ``esr.config``, ``DataError`` in ``esr.data``,
+``CheckpointError`` in ``esr.train.checkpoint``, ...), often beside the builtin it refines (``ValueError``,
+``RuntimeError``), so ``except ValueError`` keeps working. The CLI catches ``EsrError`` and prints its message as one
+line instead of a traceback. This module imports nothing from esr, so any layer can raise a subclass.
+"""
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, ModelSpecError, ZooPackageMissing, ZooChecksumError, CheckpointError, NonFiniteLossError,
-    RunFolderError, ReportError, AnalysisError, FileNotFoundError, StepOutOfMemoryError,
-    RemoteTeacherError,
-)
+
+class EsrError(Exception):
+    """An error whose message tells the user what to change (a config value, a path, a package, a run folder)."""

@@ -35,10 +35,8 @@ from typing import Any
 
 import torch
 
-from esr.analysis.plots import COLORS, new_figure, save_png
 from esr.analysis.rollout_scores import (
     AnalysisError,
-    analysis_vocab_size,
     check_same_tokenizer,
     heldout_prompts,
     json_safe,
@@ -50,6 +48,8 @@ from esr.analysis.rollout_scores import (
     sample_rollouts,
     score_rollouts,
 )
+from esr.models.pair import shared_vocab_size
+from esr.plots import COLORS, new_figure, save_png
 
 
 @dataclass
@@ -162,7 +162,7 @@ def run_cascade(
         with phase(f"sample {label}", seconds, progress):
             ro = sample_rollouts(student, tokenizer, cfg, held.prompt_ids, max_new_tokens, seed)
         with phase(f"score {label}", seconds, progress):
-            scores = score_rollouts(student, teacher, ro, analysis_vocab_size(student, teacher, tokenizer),
+            scores = score_rollouts(student, teacher, ro, shared_vocab_size(student, teacher, tokenizer),
                                     chunk=cfg.loss.chunk_size)
         curves[label] = per_position_mean(scores.kl_B_R, scores.mask_B_R, max_new_tokens)
         lengths[label] = float(scores.lengths_B.float().mean())

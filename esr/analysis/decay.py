@@ -32,9 +32,12 @@ from typing import Any
 
 from torch import nn
 
-from esr.analysis.pair import as_config, load_pair, progress_bar
+from esr.analysis.rollout_scores import as_config
 from esr.config import Config
 from esr.eval.tasks import EvalItem, Task, make_task
+from esr.models.pair import load_pair
+from esr.plots import COLORS, line_with_band, new_figure, save_png
+from esr.progress import progress_bar
 
 log = logging.getLogger("esr.analysis")
 DEFAULT_KS = (0, 25, 50, 100, 200, 300)
@@ -236,8 +239,6 @@ def per_k_stats(records: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, flo
 
 def write_decay(result: DecayResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``decay.json`` (summary), ``decay_samples.jsonl`` (one line per sample) and ``decay.png``."""
-    from esr.analysis.plots import plot_decay
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "decay.json", "samples": out / "decay_samples.jsonl", "png": out / "decay.png"}
@@ -257,6 +258,29 @@ def write_decay(result: DecayResult, out_dir: str | Path) -> dict[str, Path]:
         tmp.replace(paths[name])
     plot_decay(result, paths["png"])
     return paths
+
+
+def plot_decay(result: DecayResult, path: str | Path) -> Path:
+    """Two panels: the continuer's accuracy (avg@n) against the prefix length k, and Delta(k) = acc(0) - acc(k)."""
+    fig, (left, right) = new_figure(2, width=10.0, height=4.0)
+    ks = list(result.ks)
+    who = f"{result.continuer} continues {result.prefix_source}'s k-token prefix"
+    line_with_band(left, ks, [result.accuracy[k] for k in ks], label=who, color=COLORS["teacher"], marker="o")
+    left.plot(ks, [result.per_k[k]["cut_share"] for k in ks], color=COLORS["cumulative"], linestyle="--",
+              marker=".", label="share cut by max_new_tokens (keep near 0)")
+    left.set_ylim(-0.02, 1.02)
+    left.set_xlabel("prefix length k (tokens)")
+    left.set_ylabel(f"accuracy (avg@{result.n})")
+    left.set_title(f"decay probe{' (mirror)' if result.mirror else ''}: {result.task}, {result.problems} problems")
+    left.legend(loc="best")
+    line_with_band(right, ks, [result.gap[k] for k in ks], label="Delta(k) = acc(0) - acc(k)", color=COLORS["kl"],
+                   marker="o")
+    right.axhline(0.0, color="black", linewidth=0.8)
+    right.set_xlabel("prefix length k (tokens)")
+    right.set_ylabel("recoverability gap Delta(k)")
+    right.set_title("> 0: the prefix costs the continuer accuracy")
+    right.legend(loc="best")
+    return save_png(fig, path)
 
 
 def run_decay(

@@ -32,12 +32,11 @@ with the mean share of tokens it keeps, k / |A_b| capped at 1 (the paper: the to
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from esr.analysis.pair import as_config, load_pair, progress_bar
+from esr.analysis.rollout_scores import as_config, score_rollouts
 from esr.config import Config, ConfigError
-from esr.losses.divergences import reverse_kl
-from esr.models.forward import head_logits, response_hidden
+from esr.models.pair import load_pair, shared_vocab_size
+from esr.plots import COLORS, line_with_band, new_figure, save_png
+from esr.progress import progress_bar
 from esr.types import Rollouts
 
 STATS = ("mean", "std", "p25", "p75")
@@ -153,46 +153,6 @@ def recommend_n(cumulative_T: Sequence[float] | np.ndarray, share: float) -> int
 
 
 
-def entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
-    """H(p) = -sum_v p(v) log p(v), p = softmax(logits), in at least float32, with 0 log 0 = 0; shape (B, T)."""
-    logp = torch.log_softmax(logits_B_T_V.to(torch.promote_types(logits_B_T_V.dtype, torch.float32)), dim=-1)
-    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(dim=-1)  # p = 0 where log p = -inf: 0, never NaN
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode (no dropout) for the block and restore their training flags after."""
-    flags = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, flag in zip(models, flags, strict=True):
-            m.train(flag)
-
-
-@torch.no_grad()
-def token_stats(student: nn.Module, teacher: nn.Module, rollouts: Rollouts, *, vocab_size: int,
-                chunk_size: int = 64) -> dict[str, torch.Tensor]:
-    """Per-token reverse KL and both entropies of ``rollouts``: float32 (B, R) on CPU, 0 where the mask is off.
-
-    Both decoders run once (hidden states of response-predicting positions only); the vocabulary projection runs
-    ``chunk_size`` positions at a time, so at most B x chunk_size x V logits per model exist at once.
-    """
-    with eval_mode(student, teacher):
-        h_s_B_R_H, h_t_B_R_H = response_hidden(student, rollouts), response_hidden(teacher, rollouts)
-        pieces: dict[str, list[torch.Tensor]] = {q: [] for q in QUANTITIES}
-        for a in range(0, h_s_B_R_H.shape[1], chunk_size):
-            s_B_C_V = head_logits(student, h_s_B_R_H[:, a : a + chunk_size], vocab_size)
-            t_B_C_V = head_logits(teacher, h_t_B_R_H[:, a : a + chunk_size], vocab_size)
-            pieces["kl"].append(reverse_kl(s_B_C_V, t_B_C_V).cpu())
-            pieces["student_entropy"].append(entropy(s_B_C_V).cpu())
-            pieces["teacher_entropy"].append(entropy(t_B_C_V).cpu())
-    mask_B_R = rollouts.response_mask_B_R
-    return {q: torch.where(mask_B_R, torch.cat(v, dim=1).float(), 0.0) for q, v in pieces.items()}
-
-
 def kl_profile(
     student: nn.Module,
     teacher: nn.Module,
@@ -218,7 +178,6 @@ def kl_profile(
     """
     from esr.rollout.eos import eos_token_ids
     from esr.rollout.sampler import HFSampler
-    from esr.train.session import shared_vocab_size
 
     if rollouts < 1 or not prompt_ids:
         raise ValueError(f"kl_profile needs at least one prompt and one rollout, got {len(prompt_ids)} / {rollouts}")
@@ -234,7 +193,7 @@ def kl_profile(
             t0 = time.perf_counter()
             batch = sampler.sample(rows[start : start + batch_size], max_new_tokens, seed=seed * 1_000_003 + start)
             t1 = time.perf_counter()
-            values.append(token_stats(student, teacher, batch, vocab_size=vocab_size, chunk_size=chunk_size))
+            values.append(token_values(student, teacher, batch, vocab_size, chunk_size))
             seconds["sample"] += t1 - t0
             seconds["score"] += time.perf_counter() - t1
             batches.append(batch)
@@ -244,6 +203,16 @@ def kl_profile(
     profile.settings = dict(rollouts=rollouts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             share=share, bucket=bucket, seed=seed, vocab_size=vocab_size, prompts=len(prompt_ids))
     return profile
+
+
+def token_values(student: nn.Module, teacher: nn.Module, rollouts: Rollouts, vocab_size: int,
+                 chunk_size: int) -> dict[str, torch.Tensor]:
+    """Per-token reverse KL and both entropies of one batch (``score_rollouts``, all rows at once, no top-k):
+    float32 (B, R) on CPU, 0 where the rollout has ended."""
+    scores = score_rollouts(student, teacher, rollouts, vocab_size, chunk=chunk_size, topk=0, micro_batch=None,
+                            entropies=True)
+    return {"kl": scores.kl_B_R, "student_entropy": scores.student_entropy_B_R,
+            "teacher_entropy": scores.teacher_entropy_B_R}
 
 
 def kl_profile_session(session: Any, **kwargs: Any) -> KLProfile:
@@ -317,8 +286,6 @@ def profile_summary(profile: KLProfile) -> dict[str, Any]:
 
 def write_profile(profile: KLProfile, out_dir: str | Path) -> dict[str, Path]:
     """Write ``kl_profile.json``, ``kl_profile.csv`` (one row per position) and ``kl_profile.png`` to ``out_dir``."""
-    from esr.analysis.plots import plot_kl_profile
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "kl_profile.json", "csv": out / "kl_profile.csv", "png": out / "kl_profile.png"}
@@ -335,6 +302,40 @@ def write_profile(profile: KLProfile, out_dir: str | Path) -> dict[str, Path]:
                              f"{profile.cumulative_T[t]:.6g}", f"{profile.cumulative_mass_T[t]:.6g}"])
     plot_kl_profile(profile, paths["png"])
     return paths
+
+
+def plot_kl_profile(profile: KLProfile, path: str | Path) -> Path:
+    """The paper's figure: per-position reverse KL, student entropy and teacher entropy (bucket means; bands: p25-p75
+    over rollouts of each rollout's bucket mean) against the position, the cumulative KL share C(t) on a twin axis,
+    N marked."""
+    fig, ax = new_figure(width=8.0, height=4.5)
+    names = {"kl": "reverse KL(p_s || p_t)", "student_entropy": "student entropy H_s",
+             "teacher_entropy": "teacher entropy H_t"}
+    colors = {"kl": COLORS["kl"], "student_entropy": COLORS["student"], "teacher_entropy": COLORS["teacher"]}
+    for q, label in names.items():
+        bs = profile.buckets[q]
+        x = [(b.start + b.stop) / 2 for b in bs]
+        line_with_band(ax, x, [b.mean for b in bs], [b.rollout_p25 for b in bs], [b.rollout_p75 for b in bs],
+                       label=label, color=colors[q])
+    ax.set_xlabel(f"response position t (tokens; means over buckets of {profile.bucket}, bands: p25-p75 over "
+                  f"rollouts)")
+    ax.set_ylabel("nats")
+    twin = ax.twinx()
+    t = range(1, len(profile.cumulative_T) + 1)
+    twin.plot(t, profile.cumulative_T, color=COLORS["cumulative"], linestyle="--", label="cumulative KL share C(t)")
+    twin.set_ylim(0, 1.02)
+    twin.set_ylabel("cumulative KL share C(t)")
+    if profile.recommended_n is not None:
+        ax.axvline(profile.recommended_n, color=COLORS["mark"], linestyle=":", linewidth=1.5,
+                   label=f"N = {profile.recommended_n} (C(N) >= {profile.share:.0%})")
+        twin.axhline(profile.share, color=COLORS["mark"], linestyle=":", linewidth=0.8, alpha=0.6)
+    alive = int(profile.mask_B_R.shape[0])
+    ax.set_title(f"KL profile: {profile.settings.get('student', 'student')} <- "
+                 f"{profile.settings.get('teacher', 'teacher')} ({alive} rollouts)")
+    lines, labels = ax.get_legend_handles_labels()
+    lines2, labels2 = twin.get_legend_handles_labels()
+    ax.legend(lines + lines2, labels + labels2, loc="upper right")
+    return save_png(fig, path)
 
 
 def run_kl_profile(

@@ -37,8 +37,7 @@ import torch
 
 from esr.analysis.rollout_scores import (
     AnalysisError,
-    RolloutScores,
-    analysis_vocab_size,
+    PairScores,
     check_same_tokenizer,
     heldout_prompts,
     json_safe,
@@ -51,6 +50,7 @@ from esr.analysis.rollout_scores import (
 )
 from esr.config import Config
 from esr.eval.metrics import length_stats
+from esr.models.pair import shared_vocab_size
 from esr.types import Rollouts
 
 
@@ -133,7 +133,7 @@ def top_share_mask(kl_B_R: torch.Tensor, mask_B_R: torch.Tensor, share: float) -
     return picked.view_as(mask_B_R)
 
 
-def mode_stats(scores: RolloutScores, top_share: float) -> dict[str, float]:
+def mode_stats(scores: PairScores, top_share: float) -> dict[str, float]:
     """Module docstring (a): shares, mean student top-1 prob and mean KL on the top-KL tokens, and their count."""
     pick = top_share_mask(scores.kl_B_R, scores.mask_B_R, top_share)
     shares = mode_shares(scores.student_topk_ids_B_R_K[pick][:, 0], scores.teacher_topk_ids_B_R_K[pick])
@@ -204,7 +204,7 @@ def _student_row(
     with phase(f"sample {name}", seconds, progress):
         ro = sample_rollouts(student, tokenizer, cfg, prompt_ids, max_new_tokens, seed)
     with phase(f"score {name}", seconds, progress):
-        scores = score_rollouts(student, teacher, ro, analysis_vocab_size(student, teacher, tokenizer),
+        scores = score_rollouts(student, teacher, ro, shared_vocab_size(student, teacher, tokenizer),
                                 chunk=cfg.loss.chunk_size)
     del student
     gc.collect()

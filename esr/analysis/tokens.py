@@ -28,9 +28,7 @@ from typing import Any
 
 import torch
 
-from esr.analysis.plots import COLORS, new_figure, save_png
 from esr.analysis.rollout_scores import (
-    analysis_vocab_size,
     check_same_tokenizer,
     heldout_prompts,
     json_safe,
@@ -42,6 +40,8 @@ from esr.analysis.rollout_scores import (
     score_rollouts,
 )
 from esr.config import Config, ModelConfig, TeacherConfig
+from esr.models.pair import shared_vocab_size
+from esr.plots import COLORS, new_figure, save_png
 
 CATEGORIES = ("planning", "structural", "number", "operator", "latex", "special", "continuation")
 PLANNING_WORDS = frozenset({
@@ -186,7 +186,7 @@ def run_token_analysis(
     with phase("sample", seconds, progress):
         ro = sample_rollouts(student, tokenizer, cfg, held.prompt_ids, max_new_tokens, seed)
     with phase("score", seconds, progress):
-        scores = score_rollouts(student, teacher_model, ro, analysis_vocab_size(student, teacher_model, tokenizer),
+        scores = score_rollouts(student, teacher_model, ro, shared_vocab_size(student, teacher_model, tokenizer),
                                 chunk=cfg.loss.chunk_size)
     mask = scores.mask_B_R
     ids, kls = scores.tokens_B_R[mask].tolist(), scores.kl_B_R[mask].tolist()

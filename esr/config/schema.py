@@ -11,6 +11,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from esr.errors import EsrError
+
 Horizon = Literal["full", "esr", "progressive", "ratio"]
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled"]
 CrossTokenizer = Literal["aligned-exact", "span-sampled"]
@@ -24,7 +26,7 @@ ExtrapolateParams = Literal["attention-mlp", "trainable"]
 OptimizerState = Literal["keep", "reset"]
 
 
-class ConfigError(ValueError):
+class ConfigError(EsrError, ValueError):
     """A config key or value a user wrote is wrong; the message says which and what to write instead."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esr.config import DataConfig
+from esr.errors import EsrError
 
 log = logging.getLogger("esr.data")
 
@@ -29,7 +30,7 @@ MAX_BAD_LINES = 10
 """How many 1-based line (or row) numbers of skipped rows a PromptSet keeps, for the warning and errors."""
 
 
-class DataError(ValueError):
+class DataError(EsrError, ValueError):
     """A data source cannot give any usable prompt; the message names the file, what went wrong and what to change."""
 
 

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from esr.data.sources import DataError, Prompt
 from esr.data.template import render_prompt, tokenize_prompts
 from esr.eval.tasks import EvalItem, Task
+from esr.progress import progress_bar
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.sampler import HFSampler
 
@@ -72,7 +71,7 @@ def evaluate(
     jobs = [(i, s) for i in range(len(kept)) for s in range(n)]
     records: list[dict[str, Any]] = []
     t0, n_tokens, seconds_judge = time.perf_counter(), 0, 0.0
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task_id = bar.add_task(f"eval {task.name}", total=len(jobs))
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
@@ -144,9 +143,3 @@ def write_results(out_dir: Path, records: Sequence[dict[str, Any]], summary: dic
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out_dir / name)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), disable=not enabled, transient=False)
-

@@ -2,7 +2,7 @@
 
 from esr.models import zoo
 from esr.models.load import ModelSpecError, load_model, load_tokenizer
-from esr.models.lora import apply_lora, count_parameters, merge_lora, save_lora, trainable_parameters
+from esr.models.lora import apply_lora, count_parameters, save_lora, trainable_parameters
 
 __all__ = [
     "ModelSpecError",
@@ -10,7 +10,6 @@ __all__ = [
     "count_parameters",
     "load_model",
     "load_tokenizer",
-    "merge_lora",
     "save_lora",
     "trainable_parameters",
     "zoo",

@@ -25,6 +25,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from esr.errors import EsrError
 from esr.models import synthetic, zoo
 from esr.models.lora import quiet_peft
 
@@ -38,7 +39,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _T = TypeVar("_T")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(EsrError, ValueError):
     """A model spec names nothing loadable; the message says what was tried and the closest preset."""
 
 

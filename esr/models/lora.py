@@ -1,4 +1,4 @@
-"""LoRA adapters through peft: wrap a model, list and count what trains, merge for export.
+"""LoRA adapters through peft: wrap a model, list and count what trains, save the adapter.
 
 A LoRA run trains only the low-rank matrices, so the optimizer should see `trainable_parameters(model)` and a
 checkpoint is just the adapter (`save_lora(model, dir)`), which `load_model(dir)` loads back onto its base.
@@ -69,12 +69,6 @@ def save_lora(model: PeftModel, folder: str | Path, state_dict: dict[str, torch.
     adapter's tensors when the model's own are sharded (named as in `model.named_parameters()`).
     """
     model.save_pretrained(str(folder), save_embedding_layers=False, state_dict=state_dict)
-
-
-def merge_lora(model: PeftModel) -> PreTrainedModel:
-    """Fold the adapters into the base weights (W + B A * alpha / r) and return the plain model, e.g. to save a
-    standalone checkpoint or to sample with a backend that knows nothing of peft."""
-    return model.merge_and_unload()
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

@@ -28,24 +28,26 @@ from pathlib import Path
 from typing import TypedDict
 
 import torch
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
-from rich.text import Text
+from rich.progress import Progress
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
 
+from esr.errors import EsrError
+from esr.progress import progress_bar
+
 RANDOM_PREFIX = "random:"
 ZOO_REQUIREMENTS = "pip install --no-deps -r requirements/assets.txt"
 _MARKER = "zoo.json"  # written last into a converted folder; its presence (and sha256) means "cached and complete"
 _BLOCK = 1 << 20
 
-class ZooPackageMissing(RuntimeError):
+class ZooPackageMissing(EsrError, RuntimeError):
     """A zoo preset's PyPI package is not installed; the message gives the exact pip command."""
 
 
-class ZooChecksumError(RuntimeError):
+class ZooChecksumError(EsrError, RuntimeError):
     """The assembled GGUF does not have the pinned sha256 (a corrupt, partial or substituted package)."""
 
 
@@ -166,7 +168,6 @@ TINY: dict[str, TinyPreset] = {
                    tokenizer_from="qwen2.5-coder-0.5b-instruct"),
     )
 }
-TINY_TOKENIZER_FROM = "smollm2-135m-instruct"  # the tokenizer of tiny-student and tiny-teacher
 
 
 class PresetStatus(TypedDict):
@@ -244,7 +245,7 @@ def prepare(name: str, progress: bool = True) -> Path:
     if is_cached(name):
         return model_dir(name)
     dest = model_dir(name)
-    with _progress(progress) as bar, _gguf(preset, bar) as gguf, _atomic_dir(dest) as tmp:
+    with progress_bar(progress, byte_counts=True) as bar, _gguf(preset, bar) as gguf, _atomic_dir(dest) as tmp:
         _convert(gguf, tmp, bar)
         (tmp / _MARKER).write_text(json.dumps({"preset": name, "sha256": preset.sha256, "gguf": preset.gguf_file}))
     return dest
@@ -278,7 +279,7 @@ def preset_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(model_dir(name))
     folder = _tokenizer_dir(name)
     if not folder.is_dir():
-        with _progress(False) as bar, _gguf(preset, bar) as gguf, _atomic_dir(folder) as tmp:
+        with progress_bar(False, byte_counts=True) as bar, _gguf(preset, bar) as gguf, _atomic_dir(folder) as tmp:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(folder)
@@ -386,15 +387,3 @@ def _atomic_dir(dest: Path) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _BytesColumn(DownloadColumn):
-    """Byte counts for the copy and hash steps only; the conversion step has no byte size to show."""
-
-    def render(self, task: Task) -> Text:
-        return super().render(task) if task.fields.get("bytes") else Text("")
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _BytesColumn(),
-                    TimeElapsedColumn(), disable=not enabled)

@@ -11,13 +11,14 @@ from typing import Any
 
 import yaml
 
+from esr.errors import EsrError
 from esr.report.fmt import run_color
 
 PHASES = ("generate", "score", "train", "align", "extrapolate")
 """Phases of a step, each timed as ``seconds_<phase>`` and (newer runs) counted as ``flops_<phase>``."""
 
 
-class ReportError(ValueError):
+class ReportError(EsrError, ValueError):
     """A run folder or analysis path cannot be reported on; the message names it and says what to pass instead."""
 
 

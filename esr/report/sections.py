@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 from datetime import datetime
 
-from esr.report import analysis, plots
+from esr import plots
+from esr.report import analysis, figures
 from esr.report.collect import PHASES, RunData
 from esr.report.doc import Block, Bullets, Document, Heading, Image, Table, Text
 from esr.report.fmt import DASH, flops, gigabytes, num, seconds, share
@@ -100,8 +101,8 @@ def curves_section(doc: Document, runs: Sequence[RunData]) -> None:
     """(2) Loss and mean KL over steps, all runs on one plot each, and their first and last values."""
     doc.add(Heading(2, "Loss and KL"))
     if plots.available():
-        doc.add(*_image("loss", plots.line_plot(runs, "loss", "training loss"), "training loss over steps"))
-        doc.add(*_image("kl", plots.line_plot(runs, "kl", "mean reverse KL per token"), "mean KL over steps"))
+        doc.add(*_image("loss", figures.line_plot(runs, "loss", "training loss"), "training loss over steps"))
+        doc.add(*_image("kl", figures.line_plot(runs, "kl", "mean reverse KL per token"), "mean KL over steps"))
     rows = [[r.name, _first_last(r, "loss"), _first_last(r, "kl"), _first_last(r, "response_len_mean"),
              share(r.mean("cut_share")), num(r.mean("grad_norm"))] for r in runs]
     doc.add(Table(columns=["run", "loss (first → last)", "KL (first → last)", "response length (first → last)",
@@ -126,7 +127,7 @@ def eval_section(doc: Document, runs: Sequence[RunData]) -> None:
         return
     keys = _eval_keys(evaluated)
     if plots.available():
-        doc.add(*_image("eval", plots.eval_plot(evaluated, keys), "evaluation metrics over steps",
+        doc.add(*_image("eval", figures.eval_plot(evaluated, keys), "evaluation metrics over steps",
                         "★ marks each run's best evaluation by its metric"))
     rows, swatches = [], []
     for r in evaluated:
@@ -157,7 +158,7 @@ def time_section(doc: Document, runs: Sequence[RunData]) -> None:
     """(4) Mean seconds per step by phase, stacked per run, and peak memory."""
     doc.add(Heading(2, "Time and memory per step"))
     if plots.available():
-        doc.add(*_image("phases", plots.phase_plot(runs), "seconds per step by phase and peak memory per run"))
+        doc.add(*_image("phases", figures.phase_plot(runs), "seconds per step by phase and peak memory per run"))
     rows = [[r.name, *(seconds(r.mean(f"seconds_{p}")) for p in PHASES), seconds(wall_seconds(r) / len(r.metrics)),
              gigabytes(max(r.series("peak_mem_gb")[1], default=None))] for r in runs]
     doc.add(Table(columns=["run", *(f"{p} s/step" for p in PHASES), "total s/step", "peak memory"], rows=rows,

@@ -15,6 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+DEFAULT_TOKEN_ENV = "ESR_TEACHER_TOKEN"
+"""The environment variable holding the bearer token, read by `esr serve-teacher` and by a trainer whose config sets
+no ``teacher.token_env`` (never a command-line argument, which other users could read in the process list)."""
+
 _EXPORTS = {
     "RemoteTeacher": "esr.serve.client",
     "RemoteTeacherError": "esr.serve.errors",

@@ -1,7 +1,9 @@
-"""The teacher client's error, importable without the HTTP packages (the CLI's error table imports it)."""
+"""The teacher client's error, importable without the HTTP packages (the training side raises and catches it)."""
+
+from esr.errors import EsrError
 
 
-class RemoteTeacherError(RuntimeError):
+class RemoteTeacherError(EsrError, RuntimeError):
     """The teacher server refused a request, failed, or could not be reached; ``status`` is the HTTP status
     (None when there was no answer)."""
 

@@ -5,7 +5,7 @@ without shipping either vocabulary over the wire.
 
 (``null`` for an id no token has). Two tokenizers share an id space on ids < n exactly when their digests of n agree
 (up to sha256 collisions). Same-tokenizer distillation allows one vocabulary to extend the other (Qwen3 adds tokens
-after Qwen2.5's ids; ``esr.train.session.vocabulary_mismatch``), so the trainer compares digests of the SMALLER
+after Qwen2.5's ids; ``esr.models.pair.vocabulary_mismatch``), so the trainer compares digests of the SMALLER
 tokenizer's size: the server publishes its full digest in ``GET /health`` (``tokenizer_sha256``) and the digest of
 its first N ids on ``GET /health?vocab_prefix=N`` (``vocab_prefix_sha256``).
 """

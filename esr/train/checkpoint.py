@@ -30,13 +30,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from esr.config import Config, save_config
+from esr.errors import EsrError
 from esr.models.lora import save_lora
 from esr.train.fsdp import is_sharded, shard_optimizer_state
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EsrError, RuntimeError):
     """A checkpoint could not be written or does not fit the run; the message says where and why."""
 
 

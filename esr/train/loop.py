@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from esr.config import Config, load_config, save_config
+from esr.errors import EsrError
 from esr.losses import needed_scores
 from esr.optim import Extrapolator, make_extrapolator
 from esr.teacher.cross import CrossBatch
@@ -63,15 +64,15 @@ from esr.train.step import MicroBatchResult, distill_micro_batch
 from esr.types import Rollouts
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(EsrError, RuntimeError):
     """Several consecutive steps had a non-finite loss; the run stops rather than train on garbage."""
 
 
-class StepOutOfMemoryError(RuntimeError):
+class StepOutOfMemoryError(EsrError, RuntimeError):
     """A training step ran out of memory; the message names the settings that lower a step's peak memory."""
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(EsrError, RuntimeError):
     """The run folder cannot be used as asked (exists without --resume, or has no config to resume)."""
 
 

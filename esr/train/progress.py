@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from esr.progress import progress_bar
 from esr.train.metrics import StepMetrics
 
 console = Console(stderr=True)
@@ -20,10 +20,7 @@ class RunProgress:
     def __init__(self, total: int, start: int, enabled: bool = True) -> None:
         self.enabled = enabled
         self.live = enabled and console.is_terminal
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=console, disable=not self.live,
-        )
+        self.progress = progress_bar(self.live, stats=True, console=console)
         self.task = self.progress.add_task("train", total=total, completed=start, stats="")
         if self.live:
             self.progress.start()

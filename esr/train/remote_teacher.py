@@ -43,8 +43,8 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 from torch import nn
 
-from esr.cli_serve import DEFAULT_TOKEN_ENV
 from esr.config import Config, ConfigError, TeacherConfig
+from esr.serve import DEFAULT_TOKEN_ENV
 from esr.serve.errors import RemoteTeacherError
 from esr.serve.vocab import vocab_digest
 from esr.types import Rollouts

@@ -17,6 +17,13 @@ from esr.config import Config, ConfigError
 from esr.data import has_chat_template, load_prompts, tokenize_prompts
 from esr.data.order import batch_indices  # noqa: F401  (re-exported: the loop and benchmarks use it here)
 from esr.models import apply_lora, load_model
+from esr.models.pair import (
+    require_shared_vocabulary,
+    resolve_device,
+    resolve_dtype,
+    shared_vocab_size,
+    vocabulary_mismatch,
+)
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.policies import HorizonPolicy, make_policy
 from esr.rollout.sampler import HFSampler
@@ -25,6 +32,11 @@ from esr.teacher.score import TeacherScorer
 from esr.train.remote_teacher import RemoteScorer, connect_remote_teacher
 
 log = logging.getLogger("esr.train")
+
+CROSS_TOKENIZER_HINT = ("Distil across tokenizers with loss.cross_tokenizer=aligned-exact (the paper's: KL on tokens "
+                        "both tokenizers cut the same way) or loss.cross_tokenizer=span-sampled (every aligned span, "
+                        "sampled).")
+
 
 @dataclass
 class Session:
@@ -45,57 +57,6 @@ class Session:
     device: torch.device
     info: dict[str, Any]
     """Facts recorded in run.json: parameter counts, prompt counts, eos ids, device, dtype."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are ~3x slower on CPUs without bf16 instructions), bf16 on capable GPUs."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
-
-
-def vocabulary_mismatch(student_tok: Any, teacher_tok: Any) -> str | None:
-    """Why the two tokenizers do not share one id space, or None when they do.
-
-    One vocabulary may extend the other (Qwen3 adds `<think>` tokens after Qwen2.5's ids): that is one id space.
-    """
-    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
-    small, big = (s_vocab, t_vocab) if len(s_vocab) <= len(t_vocab) else (t_vocab, s_vocab)
-    mismatched = next((tok for tok, i in small.items() if big.get(tok) != i), None)
-    if mismatched is None:
-        return None
-    return f"{len(s_vocab)} vs {len(t_vocab)} tokens; e.g. {mismatched!r} has another id or is missing"
-
-
-def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student_name: str, teacher_name: str) -> None:
-    """Same-tokenizer distillation needs one id space: every token both know has the same id in both."""
-    why = vocabulary_mismatch(student_tok, teacher_tok)
-    if why is not None:
-        raise ConfigError(
-            f"student '{student_name}' and teacher '{teacher_name}' have different vocabularies ({why}). "
-            f"Distil across tokenizers with loss.cross_tokenizer=aligned-exact (the paper's: KL on tokens both "
-            f"tokenizers cut the same way) or loss.cross_tokenizer=span-sampled (every aligned span, sampled)."
-        )
-    s_n, t_n = len(student_tok.get_vocab()), len(teacher_tok.get_vocab())
-    if s_n != t_n:
-        log.warning("the %s's vocabulary extends the other's by %d tokens; their logits are compared on the shared ids",
-                    "teacher" if t_n > s_n else "student", abs(t_n - s_n))
-
-
-def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
-    """Columns of the logits both models define; embedding matrices are often padded past the tokenizer."""
-    v = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
-    if len(tokenizer) > v:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but a model's output layer only {v}")
-    return v
 
 
 def prompt_budget(cfg: Config, *models: nn.Module) -> int:
@@ -135,7 +96,8 @@ def build_session(cfg: Config) -> Session:
     if cross_mode is None:
         if cfg.loss.cross_tokenizer is not None:
             log.info("student and teacher share one vocabulary: loss.cross_tokenizer is ignored (same-tokenizer path)")
-        check_same_tokenizer(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name)
+        require_shared_vocabulary(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name,
+                                  "same-tokenizer distillation", hint=CROSS_TOKENIZER_HINT)
         vocab_size = teacher_vocab_size = (shared_vocab_size(student, teacher, tokenizer) if remote is None
                                            else remote.check_student(tokenizer, student, cfg))
     else:

@@ -131,7 +131,7 @@ def test_run_decay_end_to_end_writes_files(tmp_path):
 
 def test_cross_tokenizer_pair_is_refused(monkeypatch, tmp_path):
     one, other = SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1}), SimpleNamespace(get_vocab=lambda: {"a": 1})
-    monkeypatch.setattr("esr.models.load_tokenizer", lambda name, *a: one if name == "tiny-student" else other)
+    monkeypatch.setattr("esr.models.pair.load_tokenizer", lambda name, *a: one if name == "tiny-student" else other)
     with pytest.raises(ConfigError, match="decay probe needs a shared vocabulary"):
         run_decay("configs/smoke.yaml", tmp_path, ks=(0, 4), limit=1, max_new_tokens=2, progress=False)
     assert not list(tmp_path.iterdir())

@@ -24,9 +24,9 @@ from esr.analysis.kl_profile import (
     summarize_profile,
     top_k_share,
 )
-from esr.analysis.pair import require_shared_vocabulary
 from esr.config import ConfigError
 from esr.models import load_model
+from esr.models.pair import require_shared_vocabulary
 
 
 def test_cumulative_share_and_recommended_n_on_a_hand_vector():
@@ -153,7 +153,7 @@ def test_cross_tokenizer_pairs_are_refused(monkeypatch, tmp_path):
     require_shared_vocabulary(one, one, "s", "t", "kl-profile")  # same ids: fine
     with pytest.raises(ConfigError, match="kl-profile needs a shared vocabulary"):
         require_shared_vocabulary(one, other, "s", "t", "kl-profile")
-    monkeypatch.setattr("esr.models.load_tokenizer", lambda name, *a: one if name == "tiny-student" else other)
+    monkeypatch.setattr("esr.models.pair.load_tokenizer", lambda name, *a: one if name == "tiny-student" else other)
     with pytest.raises(ConfigError, match="shared vocabulary.*'tiny-teacher'"):
         run_kl_profile("configs/smoke.yaml", tmp_path, rollouts=1, max_new_tokens=2, progress=False)
     with pytest.raises(ConfigError, match="shared vocabulary"):

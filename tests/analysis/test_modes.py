@@ -9,8 +9,8 @@ import torch
 
 from esr.analysis import rollout_scores
 from esr.analysis.modes import mode_shares, mode_stats, run_modes, top_share_mask
-from esr.analysis.rollout_scores import AnalysisError, RolloutScores, check_same_tokenizer, score_rollouts
-from esr.config import load_config, save_config
+from esr.analysis.rollout_scores import AnalysisError, PairScores, check_same_tokenizer, score_rollouts
+from esr.config import ConfigError, load_config, save_config
 from esr.models import load_model
 from esr.rollout.sampler import build_rollouts, left_pad
 from esr.train import train
@@ -69,7 +69,7 @@ class _Vocab:
 def test_cross_tokenizer_pair_is_refused(monkeypatch):
     vocabs = {"a": {"x": 0, "y": 1}, "b": {"x": 0, "y": 2}, "c": {"x": 0, "y": 1, "<think>": 2}}
     monkeypatch.setattr(rollout_scores, "load_tokenizer", lambda spec: _Vocab(vocabs[spec]))
-    with pytest.raises(AnalysisError, match="'a' and teacher 'b' have different tokenizers.*same-tokenizer pairs only"):
+    with pytest.raises(ConfigError, match="'a' and teacher 'b' have different tokenizers.*same-tokenizer pairs only"):
         check_same_tokenizer("a", "b")
     check_same_tokenizer("a", "c")  # one id space that the teacher extends: fine
 
@@ -104,7 +104,7 @@ def test_mode_stats_on_hand_made_scores():
     # One rollout of 4 tokens; the top 50 % by KL are positions 1 (KL 3) and 3 (KL 2).
     s_ids = torch.tensor([[[1, 0], [2, 0], [3, 0], [4, 0]]])
     t_ids = torch.tensor([[[1, 9], [8, 2], [3, 9], [7, 6]]])
-    scores = RolloutScores(
+    scores = PairScores(
         tokens_B_R=torch.zeros(1, 4, dtype=torch.long), mask_B_R=torch.ones(1, 4, dtype=torch.bool),
         kl_B_R=torch.tensor([[1.0, 3.0, 0.5, 2.0]]),
         student_topk_ids_B_R_K=s_ids, student_topk_probs_B_R_K=torch.tensor([[[0.9, 0], [0.6, 0], [0.5, 0], [0.2, 0]]]),

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from esr import plots as plots_module
 from esr.config import load_config
 from esr.report import ReportError, write_report
-from esr.report import plots as plots_module
 from esr.report.analysis import discover_paths, flatten
 from esr.report.fmt import flops, num, sci, seconds
 from esr.train import train

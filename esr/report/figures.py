@@ -1,38 +1,28 @@
-"""Report plots as PNG bytes, drawn with matplotlib's Agg canvas (no pyplot, no global backend, no display).
+"""The report's figures as PNG bytes: training curves, evaluations over steps, seconds per phase and peak memory.
 
-matplotlib is optional: ``available()`` is False without it, and the report then keeps its tables and says that the
-plots were left out.
+Drawn with ``esr.plots`` (a Figure on its own Agg canvas: no pyplot, no global backend, no display). matplotlib is
+optional here: when ``esr.plots.available()`` is False the report keeps its tables and says the plots were left out.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from esr.plots import figure, png_bytes
 from esr.report.collect import PHASES, RunData
 from esr.report.fmt import PHASE_COLORS
 
 DPI = 110
 
 
-def available() -> bool:
-    """Whether matplotlib is installed."""
-    return importlib.util.find_spec("matplotlib") is not None
-
-
 def _figure(ncols: int = 1, nrows: int = 1, width: float = 7.5, height: float = 3.6) -> tuple[Any, list[Any]]:
     """A white figure with its axes, flattened into a list."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, facecolor="white", layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
     from matplotlib.ticker import MaxNLocator
 
+    fig = figure(width, height, dpi=DPI, facecolor="white", layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3, linewidth=0.6)
@@ -42,9 +32,7 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 7.5, height: float = 
 
 def _png(fig: Any) -> bytes:
     """The figure as PNG bytes."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    return buf.getvalue()
+    return png_bytes(fig, dpi=DPI)
 
 
 def _wide_range(values: list[float]) -> bool:
