@@ -98,5 +98,4 @@ def check_supported(cfg: LossConfig, capabilities: Capabilities) -> None:
         raise ConfigError(
             f"loss.select={cfg.select} ranks tokens by KL or entropy, which is not supported {capabilities.where} "
             "yet; use loss.select=all|first-n|last-n|middle-n|random-n"
-            + (" with loss.cross_tokenizer" if capabilities.where == "across tokenizers" else "")
         )
