@@ -34,6 +34,9 @@ class Rollouts:
     """Max new tokens this batch was sampled with."""
     cut_B: torch.Tensor
     """Bool (B,): the rollout reached the horizon without EOS (a valid sample, no penalty)."""
+    logprobs_B_R: torch.Tensor | None = None
+    """float (B, R): the sampling engine's log-prob of each sampled response token, where the engine gives them
+    (vLLM does; HF ``generate`` as esr runs it does not: None). The loss recomputes the trainer's own."""
 
     @property
     def response_ids_B_R(self) -> torch.Tensor:
@@ -66,4 +69,5 @@ class Rollouts:
             prompt_len=self.prompt_len - first_real,
             horizon=self.horizon,
             cut_B=self.cut_B[start:stop],
+            logprobs_B_R=None if self.logprobs_B_R is None else self.logprobs_B_R[start:stop, :n_resp],
         )

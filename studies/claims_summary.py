@@ -245,8 +245,8 @@ def markdown(summary: dict[str, Any]) -> str:
                   f"'=': {_f(style.get('with_equals'), '.2f')}).", ""]
     lines += ["Held-out accuracy (GSM8K test, greedy; step 0 is the base student). Share trained: the share of "
               "generated tokens the loss covered (under 1 where a token selection keeps some, or where a "
-              "cross-tokenizer pair leaves out tokens the two tokenizers cut differently). Train KL is the mean over the "
-              "tokens the loss covered, so an arm that keeps its highest-KL tokens shows a higher one:", "",
+              "cross-tokenizer pair leaves out tokens the two tokenizers cut differently). Train KL is the mean over "
+              "the tokens the loss covered, so an arm that keeps its highest-KL tokens shows a higher one:", "",
               "| arm | steps run | " + " | ".join(f"step {s}" for s in steps) + " | best | train KL first 3 -> "
               "last 3 | s/step | TFLOPs/step | mean response len | share trained | collapse warnings |",
               "|---|---:|" + "---:|" * (len(steps) + 7)]

@@ -24,6 +24,7 @@ ExtrapolateSchedule = Literal["powers-of-two", "every"]
 ExtrapolateProbe = Literal["reverse_kl", "eval"]
 ExtrapolateParams = Literal["attention-mlp", "trainable"]
 OptimizerState = Literal["keep", "reset"]
+RolloutEngine = Literal["hf"]
 
 
 class ConfigError(EsrError, ValueError):
@@ -111,6 +112,8 @@ class RolloutConfig:
     """Nucleus sampling mass."""
     batch_size: int | None = None
     """Sequences generated together; None generates the whole step's batch at once."""
+    engine: RolloutEngine = "hf"
+    """What samples the rollouts: `hf` (Hugging Face generate on the trainer's own model; esr.rollout.engine)."""
 
 
 @dataclass(frozen=True)

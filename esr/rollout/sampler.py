@@ -30,21 +30,12 @@ and padding after a row's end are greedy's. Temperature 0 is plain greedy decodi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from esr.types import Rollouts
-
-
-class Sampler(Protocol):
-    def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int,
-               row_ids: Sequence[int] | None = None, pad_to: int = 0) -> Rollouts:
-        """Sample one response per prompt, at most ``max_new_tokens`` tokens, stopping each row at EOS; row b's
-        randomness is keyed by ``(seed, row_ids[b])`` (default b)."""
-        ...
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +127,11 @@ class RowSampling(LogitsProcessor):
 
 
 class HFSampler:
-    """Samples with ``model.generate`` (KV cache), in chunks of ``batch_size`` rows (None: all rows at once)."""
+    """Samples with ``model.generate`` (KV cache), in chunks of ``batch_size`` rows (None: all rows at once).
+
+    The ``hf`` rollout engine (``esr.rollout.engine.Sampler``): it samples with the trainer's own module, so it
+    always sees the current weights and gives no log-probs of its own (``Rollouts.logprobs_B_R`` is None).
+    """
 
     def __init__(
         self,
@@ -159,6 +154,10 @@ class HFSampler:
         self.top_p = top_p
         self.min_new_tokens = min_new_tokens
         self.batch_size = batch_size
+
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        """Nothing to copy: ``self.model`` is the trained module itself (or, wrapped for training, shares its
+        parameters), so every step samples from the current weights."""
 
     def generation_config(self, max_new_tokens: int) -> GenerationConfig:
         """Greedy ``generate`` with no warpers of HF's own (top-k off, no repetition penalty): sampling at

@@ -93,7 +93,7 @@ class RemoteTeacher:
         self.model = model
         """The served model's name, sent in openai requests (vLLM wants it); looked up on first use when None."""
         self.seconds = 0.0
-        """Wall seconds spent in ``score`` calls (HTTP, waiting and JSON included), like ``TeacherScorer.seconds``."""
+        """Wall seconds spent in ``score`` calls (HTTP, waiting and JSON included), like ``LocalScorer.seconds``."""
         self.server_seconds = 0.0
         """Seconds the server reported running its model for this client's requests (esr dialect only)."""
         self._session = requests.Session()

@@ -1,4 +1,4 @@
-"""The teacher's view of the student's rollouts: a no-grad pass over prompt + response.
+"""The local teacher, same tokenizer (``LocalScorer``): a no-grad pass over the student's prompt + response.
 
 Only the decoder body runs here, keeping the hidden states that predict response tokens (B x R x H). The loss
 projects them to the vocabulary a time-chunk at a time (``logits``), so the teacher's B x R x V logits never exist
@@ -9,27 +9,41 @@ temperature the student sampled at.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from esr.models.forward import head_logits, response_hidden
+from esr.teacher.scorer import ALL_KINDS, ALL_SCORES, Capabilities, TeacherBatch
+from esr.teacher.targets import ExactTargets
 from esr.types import Rollouts
 
-if TYPE_CHECKING:
-    from esr.teacher.cross import CrossBatch
 
+class LocalScorer:
+    """A ``TeacherScorer`` over a frozen teacher loaded in this process that shares the student's token ids;
+    tracks the seconds it spends (body and head). Gives ``ExactTargets``: every loss kind and selector runs."""
 
-class TeacherScorer:
-    """Scores rollouts with a frozen teacher; tracks the seconds it spends (body and head)."""
+    capabilities = Capabilities(loss_kinds=ALL_KINDS, scores=ALL_SCORES, where="with this teacher")
 
     def __init__(self, model: nn.Module, *, vocab_size: int) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.vocab_size = vocab_size
+        """V: the logit columns the teacher is normalised over (those both models define)."""
         self.seconds = 0.0
+
+    def read(self, rollouts: Rollouts, prompt_index: Sequence[int]) -> TeacherBatch:
+        """The teacher reads the student's own tokens: every response token can be scored."""
+        return TeacherBatch(rollouts=rollouts, teacher_rollouts=rollouts, valid_B_R=rollouts.response_mask_B_R)
+
+    def targets(self, batch: TeacherBatch, micro_batch_size: int,
+                rows_per_pass: int | None = None) -> list[ExactTargets]:
+        """Each micro-batch's teacher hidden states (``score_micro_batches``: ``rows_per_pass`` rows per forward),
+        projected by ``logits`` a chunk at a time when the loss asks."""
+        hidden = self.score_micro_batches(batch.rollouts, micro_batch_size, rows_per_pass)
+        return [ExactTargets(hidden_B_R_H=h, head=self.logits) for h in hidden]
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts) -> torch.Tensor:
@@ -64,15 +78,6 @@ class TeacherScorer:
                 n_resp = rollouts.slice(a, a + micro_batch_size).response_mask_B_R.shape[1]
                 out.append(hidden_B_R_H[a - c : a - c + micro_batch_size, :n_resp])
         return out
-
-    @torch.no_grad()
-    def score_aligned(self, cross: CrossBatch) -> torch.Tensor:
-        """Across tokenizers: the teacher's hidden states of ``cross.teacher``, moved to the student's positions
-        (B, R, H); row r holds the state at the teacher position paired with student position r (``pair_B_R``;
-        unpaired positions get position 0's, which no loss reads)."""
-        hidden_B_Rt_H = self.score(cross.teacher)
-        index_B_R = cross.pair_B_R.clamp(min=0).to(hidden_B_Rt_H.device)
-        return hidden_B_Rt_H.gather(1, index_B_R.unsqueeze(-1).expand(-1, -1, hidden_B_Rt_H.shape[-1]))
 
     @torch.no_grad()
     def logits(self, hidden_B_T_H: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +23,8 @@ from esr.config import Config, load_config, save_config
 from esr.errors import EsrError
 from esr.losses import needed_scores
 from esr.optim import Extrapolator, make_extrapolator
-from esr.teacher.cross import CrossBatch
+from esr.teacher.scorer import TeacherBatch
+from esr.teacher.targets import TeacherTargets
 from esr.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -31,7 +32,6 @@ from esr.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from esr.train.cross_step import distill_aligned, distill_span
 from esr.train.distributed import (
     NullLog,
     agree,
@@ -50,17 +50,9 @@ from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
 from esr.train.memory import release_freed_memory
 from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, peak_memory_gb, step_flops, truncate_jsonl
 from esr.train.progress import RunProgress
-from esr.train.remote_step import remote_micro_batch
-from esr.train.remote_teacher import RemoteScorer
-from esr.train.scores import (
-    SELECT_SEED,
-    Selection,
-    TokenScores,
-    check_selection_supported,
-    score_tokens,
-)
+from esr.train.scores import SELECT_SEED, Selection, TokenScores, score_tokens
 from esr.train.session import Session, batch_indices, build_session
-from esr.train.step import MicroBatchResult, distill_micro_batch
+from esr.train.step import distill_micro_batch
 from esr.types import Rollouts
 
 
@@ -106,7 +98,6 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     if cfg.train.deterministic:
         _use_deterministic_algorithms()
     s = build_session(cfg)  # before the folder exists: a config the session rejects leaves nothing behind
-    check_selection_supported(cfg.loss, cross_tokenizer=s.cross is not None)
     barrier()  # every process has looked at the folder before rank 0, the only writer, writes into it
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,48 +192,25 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics."""
     # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
     horizon = s.policy.plan(step)
-    #    Several processes: each takes its rows of the batch (distributed.py); a row's sample depends only on the
-    #    seed, its index in the batch and its prompt, padded as the whole batch's longest prompt.
-    prompt_index = batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed)
-    pad_to = max(len(s.prompt_ids[i]) for i in prompt_index)
-    rows = my_rows(len(prompt_index))
-    prompt_index = [prompt_index[b] for b in rows]
-    prompts = [s.prompt_ids[i] for i in prompt_index]
-    t0 = time.perf_counter()
-    rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step, row_ids=rows, pad_to=pad_to)
-    seconds_generate = time.perf_counter() - t0
-    release_freed_memory(s.device)  # CPU: hand freed heap pages back between phases (esr/train/memory.py)
+    rows, prompt_index, rollouts, seconds_generate = _sample(s, cfg, step, horizon)
 
-    # 2. Another tokenizer? Re-render the rollouts for the teacher and align the two tokenizations.
-    cross, seconds_align = None, 0.0
-    if s.cross is not None:
-        t0 = time.perf_counter()
-        cross = s.cross.translate(rollouts, prompt_index)
-        seconds_align = time.perf_counter() - t0
+    # 2. The rollouts as the teacher reads them (another tokenizer: re-rendered for it and aligned).
+    batch = s.scorer.read(rollouts, prompt_index)
 
     # 3. Which response tokens get loss. Valid: every generated token (the horizon already stopped ESR at N), across
     #    tokenizers only those the alignment can pair. loss.select keeps some of them per rollout (all by default);
     #    the KL / entropy selectors first score every token in a no-grad pass (esr/train/scores.py), whose teacher
-    #    hidden states the loss pass reuses. loss.position_gamma weighs the kept tokens by position.
-    valid_B_R = rollouts.response_mask_B_R
-    if cross is not None:
-        valid_B_R = valid_B_R & (cross.exact_B_R if cfg.loss.cross_tokenizer == "aligned-exact"
-                                 else cross.trainable_B_R)
+    #    targets the loss pass reuses. loss.position_gamma weighs the kept tokens by position.
     t0, s.scorer.seconds = time.perf_counter(), 0.0
-    scores = (score_tokens(s.student, s.scorer, rollouts, cfg.loss, s.vocab_size, cfg.train.micro_batch_size,
+    scores = (score_tokens(s.student, s.scorer, batch, cfg.loss, s.vocab_size, cfg.train.micro_batch_size,
                            cfg.train.teacher_batch_size) if needed_scores(cfg.loss.select) else None)
-    selection = select_for_rows(cfg.loss, valid_B_R, rollouts.response_mask_B_R,
+    selection = select_for_rows(cfg.loss, batch.valid_B_R, rollouts.response_mask_B_R,
                                 SELECT_SEED + cfg.seed * 1_000_003 + step, scores, rows)  # n_total: whole batch
     seconds_select = time.perf_counter() - t0 - s.scorer.seconds  # the student's side of the scoring pass
 
-    # 4. Teacher scoring (unless the scoring pass ran it), train.teacher_batch_size rows per no-grad forward, kept
-    #    per micro-batch; then the student's loss and backward, micro-batch by micro-batch.
-    teacher_hidden = _teacher_hidden(s, cfg, rollouts, cross, scores)
-    loss, kl_sum = 0.0, 0.0
-    for a, hidden_B_R_H in zip(range(0, len(rollouts), cfg.train.micro_batch_size), teacher_hidden, strict=True):
-        out = _micro_batch(s, cfg, rollouts, cross, selection, a, hidden_B_R_H)
-        release_freed_memory(s.device)
-        loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
+    # 4. Teacher scoring (unless the scoring pass ran it) and the student's loss and backward, micro-batch by
+    #    micro-batch.
+    loss, kl_sum = _loss_pass(s, cfg, batch, selection, scores)
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
@@ -250,16 +218,55 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     grad_norm, skipped, lr = _optimizer_step(s, cfg, loss)
 
     lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
-    flops_generate, flops_score, flops_train = _flops(s, rollouts, cross, scores)
+    flops_generate, flops_score, flops_train = _flops(s, batch, scores)
     return merge_metrics(StepMetrics(  # several processes: the whole batch's metrics, in every process
         step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
         tokens_generated=int(lengths_B.sum()), tokens_scored=n_selected,
         trained_share=n_selected / max(1, int(lengths_B.sum())), response_len_mean=float(lengths_B.float().mean()),
         response_len_max=int(lengths_B.max()), cut_share=float(rollouts.cut_B.float().mean()),
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
-        seconds_train=seconds_train, seconds_align=seconds_align, peak_mem_gb=peak_memory_gb(s.device),
+        seconds_train=seconds_train, seconds_align=batch.seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
     ))
+
+
+def _sample(s: Session, cfg: Config, step: int, horizon: int) -> tuple[range, list[int], Rollouts, float]:
+    """This process's rows of step ``step``'s batch, their prompts' indices, their rollouts and the seconds spent.
+
+    Several processes: each takes its rows of the batch (distributed.py); a row's sample depends only on the seed,
+    its index in the batch and its prompt, padded as the whole batch's longest prompt.
+    """
+    prompt_index = batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed)
+    pad_to = max(len(s.prompt_ids[i]) for i in prompt_index)
+    rows = my_rows(len(prompt_index))
+    prompt_index = [prompt_index[b] for b in rows]
+    prompts = [s.prompt_ids[i] for i in prompt_index]
+    t0 = time.perf_counter()
+    s.sampler.sync_weights(s.student)  # an engine with its own copy of the weights takes the current ones
+    rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step, row_ids=rows, pad_to=pad_to)
+    seconds_generate = time.perf_counter() - t0
+    release_freed_memory(s.device)  # CPU: hand freed heap pages back between phases (esr/train/memory.py)
+    return rows, prompt_index, rollouts, seconds_generate
+
+
+def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection,
+               scores: TokenScores | None) -> tuple[float, float]:
+    """Loss and backward of every micro-batch of rows [a, a + train.micro_batch_size), against the teacher's
+    targets: the scoring pass's when it ran the teacher, else the scorer's now (``train.teacher_batch_size`` rows
+    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric)."""
+    mbs, rollouts = cfg.train.micro_batch_size, batch.rollouts
+    teacher: Iterable[TeacherTargets] = (scores.teacher if scores is not None and scores.teacher is not None
+                                         else s.scorer.targets(batch, mbs, cfg.train.teacher_batch_size))
+    loss, kl_sum = 0.0, 0.0
+    for a, targets in zip(range(0, len(rollouts), mbs), teacher, strict=True):
+        mb = rollouts.slice(a, a + mbs)
+        n_resp = mb.response_mask_B_R.shape[1]
+        weight_B_R = None if selection.weight_B_R is None else selection.weight_B_R[a : a + mbs, :n_resp]
+        out = distill_micro_batch(s.student, targets, mb, selection.select_B_R[a : a + mbs, :n_resp],
+                                  selection.n_total, cfg.loss, s.vocab_size, weight_B_R=weight_B_R)
+        release_freed_memory(s.device)
+        loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
+    return loss, kl_sum
 
 
 def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, float]:
@@ -323,53 +330,13 @@ def _extrapolate(
                                flops_extrapolate=2.0 * s.info["student_params"] * event.probe_tokens)
 
 
-def _flops(s: Session, rollouts: Rollouts, cross: CrossBatch | None, scores: TokenScores | None) -> tuple[float, ...]:
+def _flops(s: Session, batch: TeacherBatch, scores: TokenScores | None) -> tuple[float, ...]:
     """(flops_generate, flops_score, flops_train) of a step (``esr.train.metrics.step_flops``): each model's forward
     reads every real prompt + response token of its own tokenization once."""
+    rollouts = batch.rollouts
     return step_flops(
         s.info["student_params"], s.info["teacher_params"], tokens_generated=int(rollouts.lengths_B.sum()),
-        teacher_tokens=int((rollouts if cross is None else cross.teacher).attention_mask_B_L.sum()),
+        teacher_tokens=int(batch.teacher_rollouts.attention_mask_B_L.sum()),
         student_tokens=int(rollouts.attention_mask_B_L.sum()),
         selection_tokens=0 if scores is None else scores.student_tokens,
     )
-
-
-def _teacher_hidden(
-    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, scores: TokenScores | None
-) -> list[torch.Tensor | None]:
-    """The local teacher's hidden states for each micro-batch of the same-tokenizer loss pass: the scoring pass's
-    when it ran the teacher, else computed here (``TeacherScorer.score_micro_batches``). None per micro-batch where
-    the micro-batch scores its own rows (a teacher server; another tokenizer)."""
-    n_micro = len(range(0, len(rollouts), cfg.train.micro_batch_size))
-    if scores is not None and scores.teacher_hidden[0] is not None:
-        return scores.teacher_hidden
-    if cross is not None or isinstance(s.scorer, RemoteScorer):
-        return [None] * n_micro
-    hidden = s.scorer.score_micro_batches(rollouts, cfg.train.micro_batch_size, cfg.train.teacher_batch_size)
-    release_freed_memory(s.device)  # the teacher's activations (esr/train/memory.py)
-    return hidden
-
-
-def _micro_batch(
-    s: Session, cfg: Config, rollouts: Rollouts, cross: CrossBatch | None, selection: Selection, a: int,
-    teacher_hidden_B_R_H: torch.Tensor | None,
-) -> MicroBatchResult:
-    """Loss and backward of rows [a, a + micro_batch_size): same tokenizer, aligned-exact or span-sampled."""
-    b = a + cfg.train.micro_batch_size
-    mb = rollouts.slice(a, b)
-    n_resp = mb.response_mask_B_R.shape[1]
-    mb_select = selection.select_B_R[a:b, :n_resp]
-    mb_weight = None if selection.weight_B_R is None else selection.weight_B_R[a:b, :n_resp]
-    n_total = selection.n_total
-    if isinstance(s.scorer, RemoteScorer):  # teacher.url: log p_t of the sampled tokens from a server
-        return remote_micro_batch(s.student, s.scorer, rollouts, a, b, mb_select, n_total, cfg.loss, s.vocab_size,
-                                  weight_B_R=mb_weight)
-    if cross is None:
-        return distill_micro_batch(s.student, s.scorer, mb, mb_select, n_total, cfg.loss, s.vocab_size,
-                                   weight_B_R=mb_weight, teacher_hidden_B_R_H=teacher_hidden_B_R_H)
-    mb_cross = cross.slice(a, b, n_resp)
-    if cfg.loss.cross_tokenizer == "span-sampled":
-        return distill_span(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size,
-                            weight_B_R=mb_weight)
-    return distill_aligned(s.student, s.scorer, mb, mb_cross, mb_select, n_total, cfg.loss, s.vocab_size,
-                           s.cross.vocab_map, weight_B_R=mb_weight)

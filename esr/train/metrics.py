@@ -28,7 +28,7 @@ class StepMetrics:
     """Mean exact reverse KL(p_s || p_t) per selected token, whatever the training loss. Across tokenizers:
     over the shared vocabulary (aligned-exact) or the sampled span estimate per token (span-sampled). With a remote
     teacher (``teacher.url``), which gives log p_t of the sampled tokens only: the sampled estimate, the mean of
-    log p_s(y) - log p_t(y) over selected tokens (unbiased, noisy, can be negative; esr/train/remote_step.py)."""
+    log p_s(y) - log p_t(y) over selected tokens (unbiased, noisy, can be negative; esr/teacher/targets.py)."""
     horizon: int
     tokens_generated: int
     tokens_scored: int

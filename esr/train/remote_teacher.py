@@ -5,7 +5,9 @@
 
 What a remote teacher returns is log p_t(y_t) of each sampled token (``RemoteTeacher.score_rollouts``), (B, R), not
 the distribution, so only ``loss.kind=sampled`` runs (the config refuses the rest: ``_check_remote_teacher`` in
-esr/config/schema.py). The loss itself is in ``esr.train.remote_step``.
+esr/config/schema.py). ``RemoteScorer`` is the run's ``TeacherScorer`` (``esr.teacher.scorer``): its targets are
+``TokenLogprobTargets`` (``esr.teacher.targets``), trained by the same micro-batch loss path as a local teacher's,
+with the same value and gradient as a local teacher's ``loss.kind=sampled``.
 
 Startup (``connect_remote_teacher``, before any model loads, so a wrong URL costs seconds, not a model load):
 ``/health`` once without retries, with a message naming the URL and the ``esr serve-teacher`` command when nothing
@@ -27,7 +29,7 @@ answers. Then, with the student loaded (``RemoteScorer.check_student``):
 - token and request shape: one tiny scoring request, so a wrong bearer token or a server that predates
   ``vocab_size`` fails now.
 
-Per step, ``RemoteScorer.teacher_logprobs(rollouts)`` scores the whole batch once (requests of
+Per step, ``RemoteScorer.targets`` scores the whole batch once (``teacher_logprobs``) (requests of
 ``teacher.max_batch_sequences`` rows) and every micro-batch slices it; its wall seconds go to ``seconds``, which the
 loop reports as ``seconds_score``. ``teacher_params`` (for ``flops_score``) is the server's ``params`` (0 for vLLM).
 """
@@ -37,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,6 +50,8 @@ from esr.config import Config, ConfigError, TeacherConfig
 from esr.serve import DEFAULT_TOKEN_ENV
 from esr.serve.errors import RemoteTeacherError
 from esr.serve.vocab import vocab_digest
+from esr.teacher.scorer import Capabilities, TeacherBatch
+from esr.teacher.targets import TokenLogprobTargets
 from esr.types import Rollouts
 
 log = logging.getLogger("esr.train")
@@ -88,9 +93,12 @@ def start_command(tc: TeacherConfig) -> str:
 class RemoteScorer:
     """The run's teacher when it is a server: a ``RemoteTeacher`` client, the checks, and one batch's log p_t.
 
-    Stands where ``TeacherScorer`` stands in a local run (``Session.scorer``); ``seconds`` counts the wall time of
-    scoring requests (the loop resets it each step and reports it as ``seconds_score``).
+    A ``TeacherScorer`` (``Session.scorer``); ``seconds`` counts the wall time of scoring requests (the loop resets
+    it each step and reports it as ``seconds_score``).
     """
+
+    capabilities = Capabilities(loss_kinds=frozenset({"sampled"}), scores=frozenset({"hs"}),
+                                where="with a remote teacher (teacher.url)")
 
     def __init__(self, tc: TeacherConfig, health: dict[str, Any]) -> None:
         from esr.serve.client import RemoteTeacher  # needs requests, which only remote runs need
@@ -204,6 +212,20 @@ class RemoteScorer:
         return int(self.health.get("params") or 0)
 
     # --- per step ----------------------------------------------------------------------------------------------
+
+    def read(self, rollouts: Rollouts, prompt_index: Sequence[int]) -> TeacherBatch:
+        """The server reads the student's own tokens: every response token can be scored."""
+        return TeacherBatch(rollouts=rollouts, teacher_rollouts=rollouts, valid_B_R=rollouts.response_mask_B_R)
+
+    def targets(self, batch: TeacherBatch, micro_batch_size: int,
+                rows_per_pass: int | None = None) -> Iterator[TokenLogprobTargets]:
+        """Each micro-batch's rows of the batch's log p_t, (b, R_mb), fetched once for the whole batch when the
+        first micro-batch asks (requests of ``teacher.max_batch_sequences`` rows; ``rows_per_pass`` is unused)."""
+        rollouts = batch.rollouts
+        for a in range(0, len(rollouts), micro_batch_size):
+            n_resp = rollouts.slice(a, a + micro_batch_size).response_mask_B_R.shape[1]
+            logp_B_R = self.teacher_logprobs(rollouts)[a : a + micro_batch_size, :n_resp]
+            yield TokenLogprobTargets(teacher_logp_B_R=logp_B_R)
 
     def teacher_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
         """log p_t of every sampled response token of the step's whole batch, (B, R) float32 on the CPU (0 where

@@ -9,9 +9,9 @@ select, then the usual loss pass runs with the selected mask. The other selector
 The scoring pass, per micro-batch (rows sliced exactly as the loss pass slices them):
 
 - teacher: decoder body once, no grad, ``train.teacher_batch_size`` rows per forward -> hidden states (B, R, H).
-  They are KEPT and handed to the loss pass, not recomputed: (B, R, H) is small next to logits (16 x 4096 x 3584
-  bf16 = 0.5 GB for a 7B teacher at R = 4096) and the teacher forward is most of the scoring cost. The loss pass
-  then runs no teacher body at all.
+  They are KEPT (in the teacher's ``TeacherTargets``) and handed to the loss pass, not recomputed: (B, R, H) is
+  small next to logits (16 x 4096 x 3584 bf16 = 0.5 GB for a 7B teacher at R = 4096) and the teacher forward is
+  most of the scoring cost. The loss pass then runs no teacher body at all.
 - student: decoder body once, no grad; its hidden states are dropped after the micro-batch. The loss pass
   recomputes them with grad (keeping every micro-batch's graph alive until the selection is known would hold the
   activations of the whole batch at once).
@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from esr.config import ConfigError, LossConfig
+from esr.config import LossConfig
 from esr.losses import entropy, needed_scores, position_weights, reverse_kl, select_tokens
 from esr.models.forward import head_logits, response_hidden
-from esr.teacher.score import TeacherScorer
-from esr.types import Rollouts
+from esr.teacher.scorer import TeacherBatch, TeacherScorer
+from esr.teacher.targets import TeacherTargets
 
 SELECT_SEED = 0x5E1EC7
 """Mixed into ``random-n``'s per-step seed so its stream differs from the sampler's."""
@@ -47,8 +47,9 @@ class TokenScores:
     kl_B_R: torch.Tensor | None
     student_entropy_B_R: torch.Tensor | None
     teacher_entropy_B_R: torch.Tensor | None
-    teacher_hidden: list[torch.Tensor | None]
-    """Teacher hidden states of each micro-batch, in order, for the loss pass (None: the loss pass runs it)."""
+    teacher: list[TeacherTargets] | None
+    """The teacher's targets of each micro-batch, in order, for the loss pass (None: the teacher did not run here,
+    the loss pass runs it)."""
     student_tokens: int
     """Prompt + response tokens the student's no-grad forward read (0 when it did not run): for ``flops_score``."""
 
@@ -65,15 +66,6 @@ class Selection:
     """The loss's normaliser over the whole batch: selected tokens, or their summed weights (at least 1)."""
     scores: TokenScores | None
     """The scoring pass's output (score-based selectors only)."""
-
-
-def check_selection_supported(cfg: LossConfig, cross_tokenizer: bool) -> None:
-    """Score-based selectors need both models' distributions at the same positions: same tokenizer only, so far."""
-    if cross_tokenizer and needed_scores(cfg.select):
-        raise ConfigError(
-            f"loss.select={cfg.select} ranks tokens by KL or entropy, which is not supported across tokenizers yet; "
-            "use loss.select=all|first-n|last-n|middle-n|random-n with loss.cross_tokenizer"
-        )
 
 
 def select_for_step(
@@ -97,18 +89,20 @@ def select_for_step(
 
 @torch.no_grad()
 def score_tokens(
-    student: nn.Module, scorer: TeacherScorer, rollouts: Rollouts, cfg: LossConfig, vocab_size: int,
+    student: nn.Module, scorer: TeacherScorer, batch: TeacherBatch, cfg: LossConfig, vocab_size: int,
     micro_batch_size: int, teacher_batch_size: int | None = None,
 ) -> TokenScores:
-    """The scoring pass (module docstring): per-token KL and entropies of the batch that ``cfg.select`` needs."""
+    """The scoring pass (module docstring): per-token KL and entropies of the batch that ``cfg.select`` needs.
+    The teacher's side comes from ``scorer.targets`` (``TeacherTargets.teacher_logits``: a scorer whose
+    ``capabilities.scores`` hold ``kl`` and ``ht``)."""
     needs = set(needed_scores(cfg.select))
     run_student, run_teacher = bool(needs & {"kl", "hs"}), bool(needs & {"kl", "ht"})
+    rollouts = batch.rollouts
     B, R = rollouts.response_mask_B_R.shape
     out = {key: torch.zeros((B, R), dtype=torch.float32) if key in needs else None for key in ("kl", "hs", "ht")}
-    hidden = (scorer.score_micro_batches(rollouts, micro_batch_size, teacher_batch_size) if run_teacher
-              else [None] * len(range(0, B, micro_batch_size)))
+    teacher = list(scorer.targets(batch, micro_batch_size, teacher_batch_size)) if run_teacher else None
     student_tokens = 0
-    for a, teacher_B_R_H in zip(range(0, B, micro_batch_size), hidden, strict=True):
+    for i, a in enumerate(range(0, B, micro_batch_size)):
         mb = rollouts.slice(a, a + micro_batch_size)
         b, r = a + len(mb), mb.response_mask_B_R.shape[1]
         student_B_R_H = response_hidden(student, mb) if run_student else None
@@ -116,11 +110,11 @@ def score_tokens(
         for c in range(0, r, cfg.chunk_size):
             d = min(r, c + cfg.chunk_size)
             s_logits = head_logits(student, student_B_R_H[:, c:d], vocab_size) if run_student else None
-            t_logits = scorer.logits(teacher_B_R_H[:, c:d]) if run_teacher else None
+            t_logits = teacher[i].teacher_logits(c, d) if teacher is not None else None
             for key in needs:
                 value_B_T = reverse_kl(s_logits, t_logits) if key == "kl" else entropy(
                     s_logits if key == "hs" else t_logits)
                 out[key][a:b, c:d] = value_B_T.float().cpu()
             del s_logits, t_logits
     return TokenScores(kl_B_R=out["kl"], student_entropy_B_R=out["hs"], teacher_entropy_B_R=out["ht"],
-                       teacher_hidden=hidden, student_tokens=student_tokens)
+                       teacher=teacher, student_tokens=student_tokens)

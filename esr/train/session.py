@@ -1,4 +1,5 @@
-"""Everything a run needs before its first step: models on a device, the tokenizer contract, prompts, optimizer.
+"""Everything a run needs before its first step: models on a device, the tokenizer contract, prompts, the teacher
+scorer and the rollout sampler (the two engine seams, picked here once), the trainable student and its optimizer.
 
 The checks here turn the mistakes OPD users hit most (teacher/student vocabulary mismatch, pad == eos, missing EOS
 ids of a chat model's end of turn) into decisions made once, visibly, before any compute is spent.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from torch import nn
 from esr.config import Config, ConfigError
 from esr.data import has_chat_template, load_prompts, tokenize_prompts
 from esr.data.order import batch_indices  # noqa: F401  (re-exported: the loop and benchmarks use it here)
+from esr.data.sources import PromptSet
+from esr.data.template import TokenizedPrompts
 from esr.models import apply_lora, load_model
 from esr.models.pair import (
     require_shared_vocabulary,
@@ -24,11 +27,13 @@ from esr.models.pair import (
     shared_vocab_size,
     vocabulary_mismatch,
 )
+from esr.rollout.engine import Sampler, make_sampler
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.policies import HorizonPolicy, make_policy
-from esr.rollout.sampler import HFSampler
 from esr.teacher.cross import CrossTokenizer, template_warnings
-from esr.teacher.score import TeacherScorer
+from esr.teacher.cross_score import CrossScorer
+from esr.teacher.score import LocalScorer
+from esr.teacher.scorer import TeacherScorer, check_supported
 from esr.train.remote_teacher import RemoteScorer, connect_remote_teacher
 
 log = logging.getLogger("esr.train")
@@ -44,8 +49,10 @@ class Session:
     teacher: nn.Module | None
     """None when the teacher is a server (``teacher.url``): then ``scorer`` is a ``RemoteScorer``."""
     tokenizer: Any
-    sampler: HFSampler
-    scorer: TeacherScorer | RemoteScorer
+    sampler: Sampler
+    """The rollout engine (``rollout.engine``; ``esr.rollout.engine``)."""
+    scorer: TeacherScorer
+    """The teacher engine: ``LocalScorer``, ``CrossScorer`` or ``RemoteScorer`` (``esr.teacher.scorer``)."""
     policy: HorizonPolicy
     prompt_ids: tuple[tuple[int, ...], ...]
     vocab_size: int
@@ -78,78 +85,140 @@ def prompt_budget(cfg: Config, *models: nn.Module) -> int:
     return min(budget, room)
 
 
+class Vocabularies(NamedTuple):
+    """How the two models' token ids relate, decided once."""
+
+    cross_mode: str | None
+    """``loss.cross_tokenizer`` when the vocabularies differ, else None (one id space)."""
+    vocab_size: int
+    """The student's logit columns the loss uses (same tokenizer: those both models define)."""
+    teacher_vocab_size: int
+    """The teacher's logit columns (same tokenizer: ``vocab_size``)."""
+
+
 def build_session(cfg: Config) -> Session:
+    """The run's session (module docstring). A config the models or the teacher cannot serve raises here,
+    before the caller creates a run folder."""
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
     # teacher.url: the teacher is a server (esr/train/remote_teacher.py), reached before any model loads.
     remote = connect_remote_teacher(cfg) if getattr(cfg.teacher, "url", None) is not None else None
+    student, tokenizer, teacher, teacher_tok = _load_models(cfg, device, dtype, remote)
+    vocab = _vocabularies(cfg, student, tokenizer, teacher, teacher_tok, remote)
+    eos_ids = eos_token_ids(tokenizer, student)
+    prompt_set, tokenized = _prompts(cfg, tokenizer, student, teacher)
+    cross = (None if vocab.cross_mode is None
+             else _cross_tokenizer(cfg, tokenizer, teacher_tok, vocab, eos_ids, tokenized))
+    scorer = _make_scorer(cfg, teacher, remote, cross, vocab)
+    check_supported(cfg.loss, scorer.capabilities)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the seed makes a run (and its resume) repeatable
+    student = _make_trainable(student, cfg)
+    optimizer, scheduler = make_optimizer(student, cfg)
+    pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
+    sampler = make_sampler(cfg.rollout, student, eos_token_ids=eos_ids, pad_token_id=pad_id)
+    info = {
+        **_model_info(device, dtype, student, teacher, remote),
+        **_vocabulary_info(vocab, eos_ids, pad_id, cross),
+        "prompts": len(tokenized.ids), "data_rows": prompt_set.n_rows, "data_skipped": prompt_set.n_skipped,
+        "prompts_too_long": tokenized.n_too_long,
+    }
+    return Session(
+        student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler, scorer=scorer,
+        policy=make_policy(cfg.rollout), cross=cross, prompt_ids=tokenized.ids, vocab_size=vocab.vocab_size,
+        optimizer=optimizer, scheduler=scheduler, device=device, info=info,
+    )
+
+
+def _load_models(cfg: Config, device: torch.device, dtype: torch.dtype,
+                 remote: RemoteScorer | None) -> tuple[nn.Module, Any, nn.Module | None, Any]:
+    """(student, its tokenizer, teacher, its tokenizer); a remote teacher loads nothing here (its tokenizer is
+    checked against the student's by ``RemoteScorer.check_student``, so the student's stands for it)."""
     student, tokenizer = load_model(cfg.student.name, dtype=dtype, device=device,
                                     trust_remote_code=cfg.student.trust_remote_code,
                                     allow_pickle=cfg.student.allow_pickle)
-    if remote is None:
-        teacher, teacher_tok = load_model(cfg.teacher.name, dtype=dtype, device=device,
-                                          trust_remote_code=cfg.teacher.trust_remote_code,
-                                          allow_pickle=cfg.teacher.allow_pickle)
-    else:  # check_student compares the server's tokenizer with the student's
-        teacher, teacher_tok = None, tokenizer
-    cross_mode = cfg.loss.cross_tokenizer if vocabulary_mismatch(tokenizer, teacher_tok) else None
-    if cross_mode is None:
-        if cfg.loss.cross_tokenizer is not None:
-            log.info("student and teacher share one vocabulary: loss.cross_tokenizer is ignored (same-tokenizer path)")
-        require_shared_vocabulary(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name,
-                                  "same-tokenizer distillation", hint=CROSS_TOKENIZER_HINT)
-        vocab_size = teacher_vocab_size = (shared_vocab_size(student, teacher, tokenizer) if remote is None
-                                           else remote.check_student(tokenizer, student, cfg))
-    else:
-        vocab_size = student.get_output_embeddings().weight.shape[0]
-        teacher_vocab_size = teacher.get_output_embeddings().weight.shape[0]
-    eos_ids = eos_token_ids(tokenizer, student)
-    pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
+    if remote is not None:
+        return student, tokenizer, None, tokenizer
+    teacher, teacher_tok = load_model(cfg.teacher.name, dtype=dtype, device=device,
+                                      trust_remote_code=cfg.teacher.trust_remote_code,
+                                      allow_pickle=cfg.teacher.allow_pickle)
+    return student, tokenizer, teacher, teacher_tok
 
+
+def _vocabularies(cfg: Config, student: nn.Module, tokenizer: Any, teacher: nn.Module | None, teacher_tok: Any,
+                  remote: RemoteScorer | None) -> Vocabularies:
+    """One id space (checked, with the logit columns both define) or two (``loss.cross_tokenizer``)."""
+    cross_mode = cfg.loss.cross_tokenizer if vocabulary_mismatch(tokenizer, teacher_tok) else None
+    if cross_mode is not None:
+        assert teacher is not None  # a remote teacher shares the student's tokenizer by construction
+        return Vocabularies(cross_mode, student.get_output_embeddings().weight.shape[0],
+                            teacher.get_output_embeddings().weight.shape[0])
+    if cfg.loss.cross_tokenizer is not None:
+        log.info("student and teacher share one vocabulary: loss.cross_tokenizer is ignored (same-tokenizer path)")
+    require_shared_vocabulary(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name,
+                              "same-tokenizer distillation", hint=CROSS_TOKENIZER_HINT)
+    vocab_size = (shared_vocab_size(student, teacher, tokenizer) if remote is None
+                  else remote.check_student(tokenizer, student, cfg))
+    return Vocabularies(None, vocab_size, vocab_size)
+
+
+def _prompts(cfg: Config, tokenizer: Any, student: nn.Module,
+             teacher: nn.Module | None) -> tuple[PromptSet, TokenizedPrompts]:
+    """The training prompts, rendered for the student and capped to what every model's context window holds."""
     if not has_chat_template(tokenizer):
         log.warning("student '%s' has no chat template: prompts use the plain 'Question: ... Answer:' template, "
                     "which suits a base model; a chat model that lost its template would be trained off-format",
                     cfg.student.name)
     prompt_set = load_prompts(cfg.data)
-    tokenized = tokenize_prompts(prompt_set.prompts, tokenizer,
-                                 prompt_budget(cfg, student, *([teacher] if teacher is not None else [])))
-    cross = None
-    if cross_mode is not None:
-        for warning in template_warnings(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name):
-            log.warning(warning)
-        teacher_prompts = tokenize_prompts(tokenized.prompts, teacher_tok, max_tokens=1 << 30)
-        assert len(teacher_prompts.ids) == len(tokenized.ids), "the teacher dropped prompts the student kept"
-        cross = CrossTokenizer(tokenizer, teacher_tok, student_size=vocab_size, teacher_size=teacher_vocab_size,
-                               student_eos_ids=eos_ids, teacher_prompt_ids=teacher_prompts.ids)
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the seed makes a run (and its resume) repeatable
-    student = _make_trainable(student, cfg)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(student, cfg)
-    r = cfg.rollout
-    sampler = HFSampler(
-        student, eos_token_ids=eos_ids, pad_token_id=pad_id, temperature=r.temperature, top_p=r.top_p,
-        min_new_tokens=r.min_new_tokens, batch_size=r.batch_size,
-    )
-    info = {
+    models = [student] if teacher is None else [student, teacher]
+    return prompt_set, tokenize_prompts(prompt_set.prompts, tokenizer, prompt_budget(cfg, *models))
+
+
+def _cross_tokenizer(cfg: Config, tokenizer: Any, teacher_tok: Any, vocab: Vocabularies, eos_ids: list[int],
+                     tokenized: TokenizedPrompts) -> CrossTokenizer:
+    """The translator to the teacher's tokenization, with the teacher's ids of every prompt the student kept."""
+    for warning in template_warnings(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name):
+        log.warning(warning)
+    teacher_prompts = tokenize_prompts(tokenized.prompts, teacher_tok, max_tokens=1 << 30)
+    assert len(teacher_prompts.ids) == len(tokenized.ids), "the teacher dropped prompts the student kept"
+    return CrossTokenizer(tokenizer, teacher_tok, student_size=vocab.vocab_size,
+                          teacher_size=vocab.teacher_vocab_size, student_eos_ids=eos_ids,
+                          teacher_prompt_ids=teacher_prompts.ids)
+
+
+def _make_scorer(cfg: Config, teacher: nn.Module | None, remote: RemoteScorer | None,
+                 cross: CrossTokenizer | None, vocab: Vocabularies) -> TeacherScorer:
+    """The run's teacher engine, picked once: a server, a local teacher across tokenizers, or a local teacher."""
+    if remote is not None:
+        return remote
+    assert teacher is not None
+    local = LocalScorer(teacher, vocab_size=vocab.teacher_vocab_size)
+    if cross is None:
+        return local
+    assert vocab.cross_mode is not None
+    return CrossScorer(local, cross, vocab.cross_mode, chunk_size=cfg.loss.chunk_size)
+
+
+def _model_info(device: torch.device, dtype: torch.dtype, student: nn.Module, teacher: nn.Module | None,
+                remote: RemoteScorer | None) -> dict[str, Any]:
+    """run.json's device, dtype and parameter counts (and the teacher server's description)."""
+    return {
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "student_params": sum(p.numel() for p in student.parameters()),
-        "trainable_params": sum(p.numel() for p in params),
-        "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else remote.params,
+        "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()) if remote is None else remote.params,
         **({"teacher": remote.describe()} if remote is not None else {}),
-        "eos_token_ids": eos_ids, "pad_token_id": pad_id, "pad_is_eos": pad_id in eos_ids, "vocab_size": vocab_size,
-        "cross_tokenizer": cross_mode,
-        **({"shared_vocab": len(cross.vocab_map), "teacher_vocab_size": teacher_vocab_size,
-            "teacher_stop_id": cross.teacher_stop} if cross is not None else {}),
-        "prompts": len(tokenized.ids), "data_rows": prompt_set.n_rows, "data_skipped": prompt_set.n_skipped,
-        "prompts_too_long": tokenized.n_too_long,
     }
-    return Session(
-        student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler,
-        scorer=TeacherScorer(teacher, vocab_size=teacher_vocab_size) if remote is None else remote,
-        policy=make_policy(cfg.rollout), cross=cross,
-        prompt_ids=tokenized.ids, vocab_size=vocab_size, optimizer=optimizer, scheduler=scheduler, device=device,
-        info=info,
-    )
+
+
+def _vocabulary_info(vocab: Vocabularies, eos_ids: list[int], pad_id: int,
+                     cross: CrossTokenizer | None) -> dict[str, Any]:
+    """run.json's token facts: eos and pad ids, logit columns, and across tokenizers the shared vocabulary."""
+    return {
+        "eos_token_ids": eos_ids, "pad_token_id": pad_id, "pad_is_eos": pad_id in eos_ids,
+        "vocab_size": vocab.vocab_size, "cross_tokenizer": vocab.cross_mode,
+        **({"shared_vocab": len(cross.vocab_map), "teacher_vocab_size": vocab.teacher_vocab_size,
+            "teacher_stop_id": cross.teacher_stop} if cross is not None else {}),
+    }
 
 
 def make_optimizer(student: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer,

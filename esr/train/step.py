@@ -1,4 +1,8 @@
-"""The loss of one micro-batch, computed a time-chunk at a time, and its backward pass.
+"""The loss of one micro-batch, computed a time-chunk at a time, and its backward pass: one path for every teacher.
+
+The teacher's side comes as ``TeacherTargets`` (``esr.teacher.targets``), made by whichever ``TeacherScorer`` the
+session picked (local, across tokenizers, a server): per chunk of positions the targets turn the student's logits
+into the per-token loss and KL. Nothing here asks which teacher it is.
 
 Memory: the student's decoder runs once with grad, giving hidden states h_B_R_H. They are detached into a leaf;
 each chunk of positions is projected to student and teacher logits (B x c x V), its loss is back-propagated into
@@ -19,18 +23,9 @@ import torch
 from torch import nn
 
 from esr.config import LossConfig
-from esr.losses import (
-    DIVERGENCES,
-    jsd,
-    reverse_kl,
-    sampled_advantage,
-    sampled_pg_loss,
-    token_logprobs,
-    token_mean_over_batch,
-)
+from esr.losses import token_mean_over_batch
 from esr.models.forward import head_logits, response_hidden
-from esr.teacher.score import TeacherScorer
-from esr.teacher.vocab_map import VocabMap
+from esr.teacher.targets import TeacherTargets, chunked_token_logprobs
 from esr.train.memory import release_freed_memory
 from esr.types import Rollouts
 
@@ -40,22 +35,10 @@ class MicroBatchResult:
     loss: float
     """This micro-batch's share of the batch loss (sums to the batch loss over micro-batches)."""
     kl_sum: float
-    """Sum of exact reverse KL over selected tokens (the metric, whatever the training loss)."""
+    """Sum of the KL metric over selected tokens: exact KL(p_s || p_t) where the teacher gives its distribution,
+    else the sampled estimate log p_s(y) - log p_t(y) (``esr.teacher.targets``)."""
     kl_B_R: torch.Tensor
-    """Per-position reverse KL, detached, on CPU; 0 where not selected."""
-
-
-def per_token_loss(
-    cfg: LossConfig, student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor
-) -> torch.Tensor:
-    """The training loss at each position, (B, T), for ``loss.kind``."""
-    if cfg.kind == "sampled":
-        student_logp_B_T = token_logprobs(student_logits_B_T_V, tokens_B_T)
-        teacher_logp_B_T = token_logprobs(teacher_logits_B_T_V, tokens_B_T)
-        return sampled_pg_loss(student_logp_B_T, sampled_advantage(teacher_logp_B_T, student_logp_B_T))
-    if cfg.kind == "jsd":
-        return jsd(student_logits_B_T_V, teacher_logits_B_T_V, cfg.beta)
-    return DIVERGENCES[cfg.kind](student_logits_B_T_V, teacher_logits_B_T_V)
+    """Per-position KL metric, detached, on CPU; 0 where not selected."""
 
 
 def loss_mask(select_B_R: torch.Tensor, weight_B_R: torch.Tensor | None) -> torch.Tensor:
@@ -68,7 +51,7 @@ def loss_mask(select_B_R: torch.Tensor, weight_B_R: torch.Tensor | None) -> torc
 
 def distill_micro_batch(
     student: nn.Module,
-    scorer: TeacherScorer,
+    teacher: TeacherTargets,
     rollouts: Rollouts,
     select_B_R: torch.Tensor,
     n_total: float,
@@ -76,49 +59,53 @@ def distill_micro_batch(
     vocab_size: int,
     *,
     weight_B_R: torch.Tensor | None = None,
-    teacher_hidden_B_R_H: torch.Tensor | None = None,
-    vocab_map: VocabMap | None = None,
 ) -> MicroBatchResult:
     """Forward and backward of one micro-batch; gradients accumulate into the student's parameters.
 
         loss = sum_{selected (b,t)} w[b,t] * loss[b,t] / n_total      (w = 1 when ``weight_B_R`` is None)
 
-    ``teacher_hidden_B_R_H``: the teacher's hidden states when the caller already has them (a selection scoring
-    pass, or cross-tokenizer ``aligned-exact``, which gathers them at the student's positions and passes the
-    ``vocab_map`` whose shared columns both distributions are restricted, and renormalised, to).
+    Args:
+        student: the trained model.
+        teacher: this micro-batch's teacher targets (``TeacherScorer.targets``); positions outside its
+            ``trainable_B_R`` get no loss.
+        rollouts: the micro-batch (b rows, R response positions).
+        select_B_R: bool (b, R), the selected tokens.
+        n_total: the loss's normaliser over the whole batch (``Selection.n_total``).
+        cfg: ``loss`` config (``kind``; ``chunk_size`` bounds the logits chunk, b x chunk x V).
+        vocab_size: V, the student's logit columns.
+        weight_B_R: float position weights (b, R), or None.
     """
     device = next(student.parameters()).device
-    if teacher_hidden_B_R_H is None:
-        teacher_hidden_B_R_H = scorer.score(rollouts)
-        release_freed_memory(device)  # the teacher's activations (esr/train/memory.py)
-    if vocab_map is not None:
-        vocab_map = vocab_map.to(device)
+    release_freed_memory(device)  # the teacher's activations (esr/train/memory.py)
     student_hidden_B_R_H = response_hidden(student, rollouts)
     release_freed_memory(device)  # the forward's temporaries; what backward needs stays
     leaf_B_R_H = student_hidden_B_R_H.detach().requires_grad_(True)
     tokens_B_R = rollouts.response_ids_B_R.to(device)
     select_B_R = select_B_R.to(device)
+    if teacher.trainable_B_R is not None:
+        select_B_R = select_B_R & teacher.trainable_B_R.to(device)
     loss_mask_B_R = loss_mask(select_B_R, weight_B_R)
+
+    def project(hidden_B_T_H: torch.Tensor) -> torch.Tensor:
+        return head_logits(student, hidden_B_T_H, vocab_size)
+
+    teacher.begin(lambda: chunked_token_logprobs(project, leaf_B_R_H.detach(), tokens_B_R, cfg.chunk_size))
     R = tokens_B_R.shape[1]
     loss_total, kl_sum = 0.0, 0.0
     kl_B_R = torch.zeros(tokens_B_R.shape, dtype=torch.float32)
     for a in range(0, R, cfg.chunk_size):
         b = min(R, a + cfg.chunk_size)
-        student_logits = head_logits(student, leaf_B_R_H[:, a:b], vocab_size)
-        teacher_logits = scorer.logits(teacher_hidden_B_R_H[:, a:b])
-        if vocab_map is not None:  # log_softmax inside the divergences renormalises over the shared tokens
-            student_logits, teacher_logits = vocab_map.restrict(student_logits, teacher_logits)
-        values_B_T = per_token_loss(cfg, student_logits, teacher_logits, tokens_B_R[:, a:b])
+        student_logits_B_T_V = project(leaf_B_R_H[:, a:b])
+        values_B_T, kl_B_T = teacher.loss_terms(cfg, student_logits_B_T_V, tokens_B_R[:, a:b], a, b)
         loss = token_mean_over_batch(values_B_T, loss_mask_B_R[:, a:b], n_total)
         if loss.requires_grad:
             loss.backward()
         with torch.no_grad():
-            kl = values_B_T if cfg.kind == "reverse_kl" else reverse_kl(student_logits, teacher_logits)
-            kl = torch.where(select_B_R[:, a:b], kl.detach(), torch.zeros_like(kl))
-            kl_B_R[:, a:b] = kl.cpu()
-            kl_sum += float(kl.sum())
+            kl_B_T = torch.where(select_B_R[:, a:b], kl_B_T.detach(), torch.zeros_like(kl_B_T))
+            kl_B_R[:, a:b] = kl_B_T.float().cpu()
+            kl_sum += float(kl_B_T.sum())
         loss_total += float(loss.detach())
-        del student_logits, teacher_logits, values_B_T, loss
+        del student_logits_B_T_V, values_B_T, kl_B_T, loss
     if leaf_B_R_H.grad is not None:
         student_hidden_B_R_H.backward(leaf_B_R_H.grad)
     return MicroBatchResult(loss=loss_total, kl_sum=kl_sum, kl_B_R=kl_B_R)

@@ -52,7 +52,7 @@ CHILD = textwrap.dedent('''
     import esr.rollout.sampler, esr.teacher.score, esr.train.checkpoint, esr.train.metrics
     targets = {
         "generate": (esr.rollout.sampler.HFSampler, "sample", False),
-        "score": (esr.teacher.score.TeacherScorer, "score", False),
+        "score": (esr.teacher.score.LocalScorer, "score", False),
         "optimizer": (torch.optim.AdamW, "step", False),
         "after-optimizer": (torch.optim.AdamW, "step", True),
         "checkpoint-files-written": (esr.train.checkpoint, "_fsync_tree", False),

@@ -242,7 +242,7 @@ def test_score_rollouts_equals_in_process_teacher(teacher, client):
     from esr.losses import token_logprobs
     from esr.models import load_model
     from esr.rollout.sampler import HFSampler, build_rollouts, left_pad
-    from esr.teacher.score import TeacherScorer
+    from esr.teacher.score import LocalScorer
 
     model, tokenizer = teacher
     student, student_tok = load_model("tiny-student")
@@ -262,7 +262,7 @@ def test_score_rollouts_equals_in_process_teacher(teacher, client):
     remote = client.score_rollouts(rollouts, top_k=3)
 
     V = model.get_output_embeddings().weight.shape[0]
-    scorer = TeacherScorer(model, vocab_size=V)
+    scorer = LocalScorer(model, vocab_size=V)
     logits_B_R_V = scorer.logits(scorer.score(rollouts))
     expected_B_R = token_logprobs(logits_B_R_V, rollouts.response_ids_B_R)
     mask = rollouts.response_mask_B_R

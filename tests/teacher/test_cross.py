@@ -14,8 +14,8 @@ from esr.losses import reverse_kl
 from esr.rollout.eos import end_of_turn_id, eos_token_ids
 from esr.rollout.sampler import build_rollouts, left_pad
 from esr.teacher.cross import CrossTokenizer, template_warnings
+from esr.teacher.targets import span_advantage
 from esr.teacher.vocab_map import VocabMap
-from esr.train.cross_step import span_advantage
 from esr.types import Rollouts
 
 PROMPT = Prompt(id="q", messages=({"role": "user", "content": "What is 6 * 7?"},), answer="42")

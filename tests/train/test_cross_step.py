@@ -11,8 +11,9 @@ from esr.models import load_model
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.sampler import build_rollouts, left_pad
 from esr.teacher.cross import CrossTokenizer
-from esr.teacher.score import TeacherScorer
-from esr.train.cross_step import distill_aligned, distill_span
+from esr.teacher.cross_score import CrossScorer
+from esr.teacher.score import LocalScorer
+from esr.teacher.targets import ExactTargets
 from esr.train.step import distill_micro_batch
 
 QUESTIONS = ["What is 2 + 3?", "Name a colour.", "Solve x^2 = 9.", "Write a haiku about rain."]
@@ -42,7 +43,19 @@ def setup():
     rollouts = build_rollouts(ids_B_P, mask_B_P, new_B_R, eos, horizon=R)
     V = student.get_output_embeddings().weight.shape[0]
     cross = CrossTokenizer(tok, tok, student_size=V, teacher_size=V, student_eos_ids=eos, teacher_prompt_ids=prompt_ids)
-    return student, TeacherScorer(teacher, vocab_size=V), rollouts, cross.translate(rollouts, [0, 1, 2, 3]), cross, V
+    return student, LocalScorer(teacher, vocab_size=V), rollouts, cross.translate(rollouts, [0, 1, 2, 3]), cross, V
+
+
+def same_tokenizer(scorer, rollouts):
+    """The same-tokenizer teacher targets of ``rollouts`` as one micro-batch."""
+    return ExactTargets(hidden_B_R_H=scorer.score(rollouts), head=scorer.logits)
+
+
+def across_tokenizers(scorer, cross, mode, rollouts, chunk_size):
+    """The cross-tokenizer scorer's targets of ``rollouts`` (prompts 0-3) as one micro-batch."""
+    across = CrossScorer(scorer, cross, mode, chunk_size=chunk_size)
+    (targets,) = across.targets(across.read(rollouts, [0, 1, 2, 3]), micro_batch_size=len(rollouts))
+    return targets
 
 
 def grads(model):
@@ -66,9 +79,11 @@ def test_aligned_exact_equals_same_tokenizer_loss(setup, kind):
     student, scorer, rollouts, batch, cross, V = setup
     cfg, mask = LossConfig(kind=kind, chunk_size=5), rollouts.response_mask_B_R
     n = int(mask.sum())
-    same = distill_micro_batch(student, scorer, rollouts, mask, n, cfg, V)
+    same = distill_micro_batch(student, same_tokenizer(scorer, rollouts), rollouts, mask, n, cfg, V)
     same_grads = grads(student)
-    aligned = distill_aligned(student, scorer, rollouts, batch, mask, n, cfg, V, cross.vocab_map)
+    aligned_targets = across_tokenizers(scorer, cross, "aligned-exact", rollouts, cfg.chunk_size)
+    assert torch.equal(aligned_targets.trainable_B_R, batch.exact_B_R)
+    aligned = distill_micro_batch(student, aligned_targets, rollouts, mask, n, cfg, V)
     aligned_grads = grads(student)
     torch.testing.assert_close(aligned.kl_B_R, same.kl_B_R, atol=1e-5, rtol=1e-5)
     assert aligned.loss == pytest.approx(same.loss, rel=1e-5)
@@ -77,12 +92,14 @@ def test_aligned_exact_equals_same_tokenizer_loss(setup, kind):
 
 
 def test_span_sampled_equals_token_sampled(setup):
-    student, scorer, rollouts, batch, _, V = setup
+    student, scorer, rollouts, batch, cross, V = setup
     mask = rollouts.response_mask_B_R
     n = int(mask.sum())
-    same = distill_micro_batch(student, scorer, rollouts, mask, n, LossConfig(kind="sampled", chunk_size=5), V)
+    same = distill_micro_batch(student, same_tokenizer(scorer, rollouts), rollouts, mask, n,
+                               LossConfig(kind="sampled", chunk_size=5), V)
     same_grads = grads(student)
-    span = distill_span(student, scorer, rollouts, batch, mask, n, LossConfig(kind="sampled", chunk_size=7), V)
+    span_targets = across_tokenizers(scorer, cross, "span-sampled", rollouts, chunk_size=7)
+    span = distill_micro_batch(student, span_targets, rollouts, mask, n, LossConfig(kind="sampled", chunk_size=7), V)
     span_grads = grads(student)
     assert span.loss == pytest.approx(same.loss, rel=1e-5)
     for name, g in same_grads.items():

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from esr.cli import main
 from esr.config import load_config
-from esr.teacher.score import TeacherScorer
+from esr.teacher.score import LocalScorer
 from esr.train import NonFiniteLossError, RunFolderError, resume, train
 from esr.train import loop as loop_module
 
@@ -107,7 +107,7 @@ def test_metrics_after_checkpoint_are_dropped_on_resume(tmp_path):
 
 def test_non_finite_teacher_stops_the_run_with_a_message(tmp_path, monkeypatch):
     nan_logits = lambda self, h: torch.full((*h.shape[:2], self.vocab_size), float("nan"))
-    monkeypatch.setattr(TeacherScorer, "logits", nan_logits)
+    monkeypatch.setattr(LocalScorer, "logits", nan_logits)
     cfg = load_config(SMOKE, ["train.steps=5", "train.max_nonfinite=2"])
     with pytest.raises(NonFiniteLossError, match="2 steps in a row had a non-finite loss"):
         train(cfg, tmp_path / "r", progress=False)

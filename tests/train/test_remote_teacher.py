@@ -26,11 +26,11 @@ from esr.models import load_model  # noqa: E402
 from esr.models.forward import head_logits, response_hidden  # noqa: E402
 from esr.rollout.sampler import HFSampler  # noqa: E402
 from esr.serve.errors import RemoteTeacherError  # noqa: E402
-from esr.teacher.score import TeacherScorer  # noqa: E402
+from esr.teacher.score import LocalScorer  # noqa: E402
+from esr.teacher.targets import ExactTargets  # noqa: E402
 from esr.train import loop as loop_module  # noqa: E402
 from esr.train import resume, train  # noqa: E402
 from esr.train import session as session_module  # noqa: E402
-from esr.train.remote_step import remote_micro_batch  # noqa: E402
 from esr.train.remote_teacher import connect_remote_teacher  # noqa: E402
 from esr.train.step import distill_micro_batch  # noqa: E402
 
@@ -111,7 +111,8 @@ def test_remote_micro_batches_match_the_local_sampled_loss_and_grad(request, wid
     V = scorer.check_student(tok, student, cfg)
     assert V == student.get_output_embeddings().weight.shape[0] == 49152
     assert scorer.request_vocab_size == (V if wide else None)
-    local = TeacherScorer(teacher, vocab_size=V)
+    local = LocalScorer(teacher, vocab_size=V)
+    remote_targets = list(scorer.targets(scorer.read(rollouts, range(4)), micro_batch_size=2))
     loss_cfg = LossConfig(kind="sampled", chunk_size=5)
 
     def run(fn):
@@ -125,9 +126,10 @@ def test_remote_micro_batches_match_the_local_sampled_loss_and_grad(request, wid
         return loss, kl, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
     ref_loss, _, ref_grads = run(lambda mb, a, sel, w: distill_micro_batch(
-        student, local, mb, sel, n_total, loss_cfg, V, weight_B_R=w))
-    got_loss, got_kl, got_grads = run(lambda mb, a, sel, w: remote_micro_batch(
-        student, scorer, rollouts, a, a + 2, sel, n_total, loss_cfg, V, weight_B_R=w))
+        student, ExactTargets(hidden_B_R_H=local.score(mb), head=local.logits), mb, sel, n_total, loss_cfg, V,
+        weight_B_R=w))
+    got_loss, got_kl, got_grads = run(lambda mb, a, sel, w: distill_micro_batch(
+        student, remote_targets[a // 2], mb, sel, n_total, loss_cfg, V, weight_B_R=w))
     assert got_loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
     assert got_grads.keys() == ref_grads.keys() and ref_grads
     for name, g in ref_grads.items():
@@ -184,7 +186,7 @@ def test_cli_run_with_teacher_url_writes_metrics_and_never_loads_the_teacher(ser
 def test_resume_with_a_remote_teacher_reaches_the_same_weights(server, tmp_path, monkeypatch):
     overrides = remote(server.url, "train.steps=3", "train.checkpoint_every=1")
     whole = train(load_config(SMOKE, overrides), tmp_path / "whole", progress=False)
-    calls, real = {"n": 0}, loop_module.remote_micro_batch
+    calls, real = {"n": 0}, loop_module.distill_micro_batch
 
     def crash_in_step_2(*args, **kwargs):
         calls["n"] += 1
@@ -192,10 +194,10 @@ def test_resume_with_a_remote_teacher_reaches_the_same_weights(server, tmp_path,
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "remote_micro_batch", crash_in_step_2)
+    monkeypatch.setattr(loop_module, "distill_micro_batch", crash_in_step_2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(loop_module, "remote_micro_batch", real)
+    monkeypatch.setattr(loop_module, "distill_micro_batch", real)
     resumed = resume(tmp_path / "crashed", progress=False)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
     assert strip(resumed.metrics) == strip(whole.metrics) and len(whole.metrics) == 3

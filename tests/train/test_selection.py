@@ -11,7 +11,7 @@ from esr.config import ConfigError, LossConfig, load_config
 from esr.losses import entropy, reverse_kl
 from esr.models import load_model
 from esr.rollout.sampler import HFSampler
-from esr.teacher.score import TeacherScorer
+from esr.teacher.score import LocalScorer
 from esr.train import loop as loop_module
 from esr.train import train
 from esr.train.scores import score_tokens, select_for_step
@@ -30,10 +30,15 @@ def pair():
                ["What is 2 + 3?", "Name a colour.", "Count: one two", "x"]]
     sampler = HFSampler(student, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, temperature=1.0)
     rollouts = sampler.sample(prompts, 12, seed=3)
-    scorer = TeacherScorer(teacher, vocab_size=student.config.vocab_size)
+    scorer = LocalScorer(teacher, vocab_size=student.config.vocab_size)
     session = SimpleNamespace(student=student, scorer=scorer, vocab_size=student.config.vocab_size, cross=None,
                               device=torch.device("cpu"))
     return student, teacher, rollouts, session
+
+
+def read(session, rollouts):
+    """The step's batch as the session's teacher reads it (``TeacherScorer.read``)."""
+    return session.scorer.read(rollouts, range(len(rollouts)))
 
 
 def full_logits(student, teacher, rollouts):
@@ -51,12 +56,9 @@ def grads(model):
 
 
 def loss_pass(session, cfg, rollouts, selection):
-    """The loop's own micro-batch loop (esr.train.loop._micro_batch) for cfg.train.micro_batch_size."""
+    """The loop's own micro-batch loop (esr.train.loop._loss_pass) for cfg.train.micro_batch_size."""
     session.student.zero_grad()
-    total = 0.0
-    hidden = loop_module._teacher_hidden(session, cfg, rollouts, None, selection.scores)
-    for a, hidden_B_R_H in zip(range(0, len(rollouts), cfg.train.micro_batch_size), hidden, strict=True):
-        total += loop_module._micro_batch(session, cfg, rollouts, None, selection, a, hidden_B_R_H).loss
+    total, _ = loop_module._loss_pass(session, cfg, read(session, rollouts), selection, selection.scores)
     return total, grads(session.student)
 
 
@@ -67,8 +69,8 @@ def test_top_kl_n_picks_the_n_highest_kl_positions_of_a_real_rollout(pair):
         s, t = full_logits(student, teacher, rollouts)
     kl_B_R, hs_B_R, ht_B_R = reverse_kl(s, t), entropy(s), entropy(t)
     cfg = LossConfig(select="top-kl-n", select_n=n, chunk_size=5)
-    scores = score_tokens(student, session.scorer, rollouts, cfg, session.vocab_size, micro_batch_size=3)
-    assert len(scores.teacher_hidden) == 2 and scores.student_entropy_B_R is None
+    scores = score_tokens(student, session.scorer, read(session, rollouts), cfg, session.vocab_size, micro_batch_size=3)
+    assert len(scores.teacher) == 2 and scores.student_entropy_B_R is None
     torch.testing.assert_close(torch.where(mask_B_R, scores.kl_B_R, 0), torch.where(mask_B_R, kl_B_R, 0),
                                rtol=1e-4, atol=1e-6)
     err = float(torch.where(mask_B_R, scores.kl_B_R - kl_B_R, 0).abs().max())
@@ -80,7 +82,8 @@ def test_top_kl_n_picks_the_n_highest_kl_positions_of_a_real_rollout(pair):
             assert float(kl_B_R[b, ranked[n - 1]] - kl_B_R[b, ranked[n]]) > 2 * err
         assert selected[b].nonzero().flatten().tolist() == sorted(ranked[:n]), b
     both = LossConfig(select="kl*ht*hs", chunk_size=5)
-    scores = score_tokens(student, session.scorer, rollouts, both, session.vocab_size, micro_batch_size=4)
+    scores = score_tokens(student, session.scorer, read(session, rollouts), both, session.vocab_size,
+                          micro_batch_size=4)
     for got, ref in ((scores.student_entropy_B_R, hs_B_R), (scores.teacher_entropy_B_R, ht_B_R)):
         torch.testing.assert_close(torch.where(mask_B_R, got, 0), torch.where(mask_B_R, ref, 0), rtol=1e-4, atol=1e-5)
 
@@ -93,7 +96,7 @@ def test_weighted_selected_loss_is_micro_batch_independent_and_matches_full_logi
     results = []
     for mbs in (1, 2, 4):
         cfg = load_config(SMOKE, overrides + [f"train.micro_batch_size={mbs}"])
-        scores = score_tokens(student, session.scorer, rollouts, cfg.loss, session.vocab_size, mbs)
+        scores = score_tokens(student, session.scorer, read(session, rollouts), cfg.loss, session.vocab_size, mbs)
         selection = select_for_step(cfg.loss, mask_B_R, mask_B_R, seed=0, scores=scores)
         results.append((*loss_pass(session, cfg, rollouts, selection), selection))
     # Reference: sum_{selected} w * KL / sum_{selected} w, from full logits, one backward.
@@ -127,8 +130,8 @@ def test_teacher_passes_of_any_width_give_the_full_logits_loss(pair):
     for mbs, tbs in ((1, 1), (1, 3), (1, None), (2, 1), (2, 3), (2, None), (4, None)):
         extra = [] if tbs is None else [f"train.teacher_batch_size={tbs}"]
         cfg = load_config(SMOKE, ["loss.chunk_size=4", f"train.micro_batch_size={mbs}", *extra])
-        hidden = loop_module._teacher_hidden(session, cfg, rollouts, None, None)
-        assert [h.shape[0] for h in hidden] == [mbs] * (4 // mbs)
+        targets = session.scorer.targets(read(session, rollouts), mbs, cfg.train.teacher_batch_size)
+        assert [t.hidden_B_R_H.shape[0] for t in targets] == [mbs] * (4 // mbs)
         selection = select_for_step(cfg.loss, mask_B_R, mask_B_R, seed=0)
         loss, g = loss_pass(session, cfg, rollouts, selection)
         assert loss == pytest.approx(ref, rel=1e-5), (mbs, tbs)

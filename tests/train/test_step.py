@@ -7,7 +7,8 @@ from esr.config import LossConfig
 from esr.losses import DIVERGENCES, jsd, masked_mean, token_logprobs
 from esr.models import load_model
 from esr.rollout.sampler import HFSampler
-from esr.teacher.score import TeacherScorer
+from esr.teacher.score import LocalScorer
+from esr.teacher.targets import ExactTargets
 from esr.train.step import distill_micro_batch
 
 
@@ -44,6 +45,11 @@ def reference_loss(student, teacher, rollouts, kind, beta=0.5):
     return masked_mean(values, mask)
 
 
+def local(scorer, rollouts):
+    """The local teacher's targets for ``rollouts`` as one micro-batch (its hidden states of these very rows)."""
+    return ExactTargets(hidden_B_R_H=scorer.score(rollouts), head=scorer.logits)
+
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -58,8 +64,8 @@ def test_chunked_loss_and_grad_match_full_logits(pair, kind):
     ref_grads = grads(student)
     student.zero_grad()
     n_total = int(rollouts.response_mask_B_R.sum())
-    scorer = TeacherScorer(teacher, vocab_size=student.config.vocab_size)
-    out = distill_micro_batch(student, scorer, rollouts, rollouts.response_mask_B_R, n_total,
+    scorer = LocalScorer(teacher, vocab_size=student.config.vocab_size)
+    out = distill_micro_batch(student, local(scorer, rollouts), rollouts, rollouts.response_mask_B_R, n_total,
                               LossConfig(kind=kind, chunk_size=5), student.config.vocab_size)
     assert out.loss == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
     got = grads(student)
@@ -70,7 +76,7 @@ def test_chunked_loss_and_grad_match_full_logits(pair, kind):
 
 def test_loss_does_not_depend_on_micro_batch_split(pair):
     student, teacher, rollouts = pair
-    scorer = TeacherScorer(teacher, vocab_size=student.config.vocab_size)
+    scorer = LocalScorer(teacher, vocab_size=student.config.vocab_size)
     cfg = LossConfig(chunk_size=4)
     n_total = int(rollouts.response_mask_B_R.sum())
     results = []
@@ -80,7 +86,8 @@ def test_loss_does_not_depend_on_micro_batch_split(pair):
         for a, b in zip(split[:-1], split[1:], strict=True):
             mb = rollouts.slice(a, b)
             sel = rollouts.response_mask_B_R[a:b, : mb.response_mask_B_R.shape[1]]
-            loss += distill_micro_batch(student, scorer, mb, sel, n_total, cfg, student.config.vocab_size).loss
+            loss += distill_micro_batch(student, local(scorer, mb), mb, sel, n_total, cfg,
+                                        student.config.vocab_size).loss
         results.append((loss, grads(student)))
     for loss, g in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5)
@@ -91,8 +98,9 @@ def test_loss_does_not_depend_on_micro_batch_split(pair):
 def test_empty_selection_gives_zero_loss_and_zero_grad(pair):
     student, teacher, rollouts = pair
     student.zero_grad()
-    scorer = TeacherScorer(teacher, vocab_size=student.config.vocab_size)
+    scorer = LocalScorer(teacher, vocab_size=student.config.vocab_size)
     none = torch.zeros_like(rollouts.response_mask_B_R)
-    out = distill_micro_batch(student, scorer, rollouts, none, 1, LossConfig(), student.config.vocab_size)
+    out = distill_micro_batch(student, local(scorer, rollouts), rollouts, none, 1, LossConfig(),
+                              student.config.vocab_size)
     assert out.loss == 0.0 and out.kl_sum == 0.0
     assert all(float(g.abs().sum()) == 0.0 for g in grads(student).values())

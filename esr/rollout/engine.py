@@ -1,0 +1,54 @@
+"""The seam between the training loop and a rollout engine: ``Sampler``, and ``make_sampler`` that picks one.
+
+A run picks its engine once, when the session is built, by ``rollout.engine``:
+
+    hf     Hugging Face ``generate`` on the trainer's own module (``esr.rollout.sampler.HFSampler``)
+
+Issue 21 adds ``vllm`` (an in-process ``vllm.LLM``) and ``vllm-server`` here: each takes prompt ids, the horizon
+and per-row seeds and returns ``Rollouts`` (token ids, masks, and the engine's log-probs of the sampled tokens in
+``Rollouts.logprobs_B_R``); ``sync_weights`` is where such an engine receives the trainer's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+from esr.config import ConfigError, RolloutConfig
+from esr.rollout.sampler import HFSampler
+from esr.types import Rollouts
+
+ENGINES = ("hf",)
+"""The values ``rollout.engine`` may take."""
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A rollout engine, as the training loop sees it."""
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int,
+               row_ids: Sequence[int] | None = None, pad_to: int = 0) -> Rollouts:
+        """Sample one response per prompt, at most ``max_new_tokens`` tokens, stopping each row at EOS; row b's
+        randomness is keyed by ``(seed, row_ids[b])`` (default b), so a row's sample does not depend on the other
+        rows; prompts are left-padded to at least ``pad_to`` columns (a process sampling its shard of a batch
+        passes the whole batch's longest prompt)."""
+        ...
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights. The loop calls it before every step's sampling
+        (so after optimizer steps, extrapolation and a resume's checkpoint load alike); an engine that samples with
+        the trainer's own module has nothing to do, one with its own copy (vLLM) loads the weights or the LoRA
+        adapter here."""
+        ...
+
+
+def make_sampler(cfg: RolloutConfig, model: nn.Module, *, eos_token_ids: Sequence[int],
+                 pad_token_id: int) -> Sampler:
+    """The ``rollout.engine`` sampler for ``model`` with ``rollout``'s temperature, top-p, minimum length and
+    generation batch size."""
+    if cfg.engine not in ENGINES:  # load_config checks it too; a config built in code may hold anything
+        raise ConfigError(f"rollout.engine={cfg.engine!r} is not one of {', '.join(ENGINES)}")
+    return HFSampler(model, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, temperature=cfg.temperature,
+                     top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens, batch_size=cfg.batch_size)
