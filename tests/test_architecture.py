@@ -54,9 +54,6 @@ ALLOWED: set[tuple[str, str]] = {
 SIZE_ALLOWED: dict[str, int] = {
     "esr/eval/sandbox.py": 555,  # becomes the package esr/eval/sandbox/ (branch split)
     "esr/serve/server.py::build_app": 87,  # (branch split)
-    "esr/train/session.py::build_session": 72,  # 71 on main, +1 for the shared-vocabulary call (branch seams)
-    "esr/train/remote_step.py::remote_micro_batch": 65,  # one micro-batch path (branch seams)
-    "esr/train/loop.py::run_step": 63,  # (branch seams)
     "esr/serve/scoring.py::score_sequences": 63,
 }
 """Today's modules over MAX_MODULE_LINES and functions over MAX_FUNCTION_LINES (name -> lines): they may shrink,
