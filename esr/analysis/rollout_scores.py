@@ -30,11 +30,11 @@ from esr.config import Config, load_config
 from esr.data.heldout import HELDOUT_SEED, HeldOutPrompts, heldout_prompts  # noqa: F401  (re-exported)
 from esr.losses import reverse_kl
 from esr.models import load_model
+from esr.models.checkpoints import latest_checkpoint
 from esr.models.forward import head_logits, response_hidden
 from esr.models.load import load_tokenizer
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.sampler import HFSampler
-from esr.train.checkpoint import latest_checkpoint
 from esr.train.session import resolve_device, resolve_dtype, shared_vocab_size, vocabulary_mismatch
 from esr.types import Rollouts
 

