@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from trl_arm import StepClock, arm_main, rss_gb, set_threads  # noqa: E402  (standard library only)
+if __package__:
+    from benchmarks.measure import StepClock, arm_main, rss_gb, set_threads
+else:  # run as a script: this folder is sys.path[0]
+    from measure import StepClock, arm_main, rss_gb, set_threads
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     set_threads(spec["threads"])
     import torch
-    from step_time import floor_step
 
+    if __package__:
+        from benchmarks.step_time import floor_step
+    else:
+        from step_time import floor_step
     from esr.config import load_config
     from esr.rollout.policies import make_policy
     from esr.train.loop import run_step
@@ -72,23 +74,28 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             clock.add("score", phases["score"])
             clock.tokens = B * n  # min_new_tokens = max_new_tokens = n
             clock.end()
-    trainable = [p for p in s.student.parameters() if p.requires_grad]
     return {
         "status": "ok", "steps": clock.steps, "load_s": load_s, "rss_after_load_gb": rss_loaded,
         "rss_before_timed_gb": clock.rss_before_timed_gb, **clock.peaks(), "losses": losses, "notes": [],
-        "setup": {
-            "trainer": "esr.train.loop.run_step" if kind == "esr" else "benchmarks/step_time.py floor_step",
-            "gradient_checkpointing": cfg.train.gradient_checkpointing,
-            "generation": {"temperature": cfg.rollout.temperature, "top_k": 0, "top_p": cfg.rollout.top_p,
-                           "min_new_tokens": T, "max_new_tokens": T, "use_cache": True,
-                           "eos_token_id": s.sampler.eos_token_ids, "pad_token_id": s.sampler.pad_token_id},
-            "horizon": cfg.rollout.horizon if kind == "esr" else "floor", "loss_chunk_size": cfg.loss.chunk_size,
-            "optimizer": type(s.optimizer).__name__, "trainable_params": sum(p.numel() for p in trainable),
-            "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in s.student.parameters()}),
-            "loss": "exact reverse KL, untempered logits",
-        },
+        "setup": _setup(kind, cfg, s, T),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "threads": torch.get_num_threads()},
+    }
+
+
+def _setup(kind: str, cfg: Any, s: Any, T: int) -> dict[str, Any]:
+    """What the arm trained with, as the result records it beside the TRL arms' setup."""
+    trainable = [p for p in s.student.parameters() if p.requires_grad]
+    return {
+        "trainer": "esr.train.loop.run_step" if kind == "esr" else "benchmarks/step_time.py floor_step",
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "generation": {"temperature": cfg.rollout.temperature, "top_k": 0, "top_p": cfg.rollout.top_p,
+                       "min_new_tokens": T, "max_new_tokens": T, "use_cache": True,
+                       "eos_token_id": s.sampler.eos_token_ids, "pad_token_id": s.sampler.pad_token_id},
+        "horizon": cfg.rollout.horizon if kind == "esr" else "floor", "loss_chunk_size": cfg.loss.chunk_size,
+        "optimizer": type(s.optimizer).__name__, "trainable_params": sum(p.numel() for p in trainable),
+        "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in s.student.parameters()}),
+        "loss": "exact reverse KL, untempered logits",
     }
 
 

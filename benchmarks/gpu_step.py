@@ -30,7 +30,6 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,14 +38,16 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import floor_step  # noqa: E402
+from esr.config import load_config
+from esr.rollout.policies import make_policy
+from esr.rollout.sampler import HFSampler
+from esr.train.loop import run_step
+from esr.train.session import Session, batch_indices, build_session
 
-from esr.config import load_config  # noqa: E402
-from esr.rollout.policies import make_policy  # noqa: E402
-from esr.rollout.sampler import HFSampler  # noqa: E402
-from esr.train.loop import run_step  # noqa: E402
-from esr.train.session import Session, batch_indices, build_session  # noqa: E402
+if __package__:
+    from benchmarks.step_time import floor_step
+else:  # run as a script: this folder is sys.path[0]
+    from step_time import floor_step
 
 QWEN_VOCAB = 151936
 STUDENT = dict(  # Qwen2.5-Math-1.5B (its config.json)

@@ -22,6 +22,11 @@ from collections.abc import Callable
 
 from esr.eval.sandbox import run_program
 
+if __package__:
+    from benchmarks.measure import percentile
+else:  # run as a script: this folder is sys.path[0]
+    from measure import percentile
+
 TEMPLATES = [
     '''def fib(n: int) -> int:
     """Return the n-th Fibonacci number."""
@@ -116,10 +121,6 @@ def timed(fn: Callable[[str], bool], code: str) -> tuple[float, bool]:
     return (time.perf_counter() - start) * 1000, ok
 
 
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20, method="inclusive")[-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--n", type=int, default=50, help="number of programs (default 50)")
@@ -144,10 +145,11 @@ def main() -> None:
     print("|---|---|---|---|---|")
     labels = {"plain": '`subprocess.run([sys.executable, "-c", code])`', "sandbox": "`run_program(code)`"}
     for arm, (times, passed) in stats.items():
-        print(f"| {labels[arm]} | {len(times)} | {passed} | {statistics.mean(times):.1f} | {p95(times):.1f} |")
+        mean_ms, p95_ms = statistics.mean(times), percentile(times, 95)
+        print(f"| {labels[arm]} | {len(times)} | {passed} | {mean_ms:.1f} | {p95_ms:.1f} |")
     (plain_ms, _), (box_ms, _) = stats["plain"], stats["sandbox"]
     print(f"| ratio sandbox / plain | | | **{statistics.mean(box_ms) / statistics.mean(plain_ms):.2f}x** | "
-          f"{p95(box_ms) / p95(plain_ms):.2f}x |")
+          f"{percentile(box_ms, 95) / percentile(plain_ms, 95):.2f}x |")
     print(f"\nsandbox overhead per program: {statistics.mean(box_ms) - statistics.mean(plain_ms):+.1f} ms (mean)")
     if any(passed != args.n for _, passed in stats.values()):
         sys.exit("some programs failed: the comparison is not like for like")

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import threading
 import time
 
 import psutil
@@ -29,29 +28,10 @@ from esr.rollout.sampler import HFSampler, left_pad
 from esr.train.loop import run_step
 from esr.train.session import Session, batch_indices, build_session
 
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms), in GB."""
-
-    def __enter__(self) -> PeakRSS:
-        self.proc, self.peak, self.running = psutil.Process(), 0, True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.02)
-
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def gb(self) -> float:
-        return self.peak / 1e9
+if __package__:
+    from benchmarks.measure import PeakRSS
+else:  # run as a script: this folder is sys.path[0]
+    from measure import PeakRSS
 
 
 def floor_step(s: Session, prompts: list[tuple[int, ...]], new_tokens: int, seed: int,
@@ -150,6 +130,11 @@ def main() -> None:
     }
     print(f"\nmachine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; models loaded in {load_s:.1f} s")
+    report(args, results)
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[str, float]]) -> None:
+    """Print each arm's phases and the ratios the targets name; write both as JSON with ``--json``."""
     print(f"{'arm':<22}{'generate':>10}{'score':>10}{'train':>10}{'total':>10}{'peak RSS':>10}")
     for name, r in results.items():
         print(f"{name:<22}{r['generate']:>10.2f}{r['score']:>10.2f}{r['train']:>10.2f}{r['total']:>10.2f}"

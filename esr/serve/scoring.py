@@ -99,13 +99,9 @@ def score_sequences(
     decoder = model.get_decoder()
     results: list[SequenceScores | None] = [None] * len(sequences)
     for group in plan_micro_batches([len(s) for s in sequences], max_batch_tokens):
-        T = max(len(sequences[i]) for i in group)
-        ids_B_T = torch.zeros((len(group), T), dtype=torch.long)
-        mask_B_T = torch.zeros((len(group), T), dtype=torch.long)
-        for row, i in enumerate(group):
-            ids_B_T[row, : len(sequences[i])] = torch.as_tensor(sequences[i], dtype=torch.long)
-            mask_B_T[row, : len(sequences[i])] = 1
-        pos_B_T = torch.arange(T).unsqueeze(0).expand(len(group), T)
+        rows = [sequences[i] for i in group]
+        ids_B_T, mask_B_T = _padded(rows)
+        pos_B_T = torch.arange(ids_B_T.shape[1]).unsqueeze(0).expand_as(ids_B_T)
         hidden_B_T_H = decoder(
             input_ids=ids_B_T.to(device), attention_mask=mask_B_T.to(device), position_ids=pos_B_T.to(device),
             use_cache=False,
@@ -118,19 +114,29 @@ def score_sequences(
                                                                with_ranks)
         next_ids = None
         if predict_next:
-            last_B_H = hidden_B_T_H[torch.arange(len(group)), torch.tensor([len(sequences[i]) - 1 for i in group])]
+            last_B_H = hidden_B_T_H[torch.arange(len(group)), torch.tensor([len(row) - 1 for row in rows])]
             next_ids = head_logits(model, last_B_H.unsqueeze(0), V)[0].argmax(dim=-1).tolist()
         offset = 0
         for row, i in enumerate(group):
-            n = len(sequences[i]) - starts[i]
-            piece = slice(offset, offset + n)
+            piece = slice(offset, offset + len(sequences[i]) - starts[i])
             results[i] = SequenceScores(
                 logprobs=logp_N[piece], top_ids=top_ids_N_K[piece], top_logprobs=top_logp_N_K[piece],
                 ranks=ranks_N[piece] if ranks_N is not None else None,
                 next_id=next_ids[row] if next_ids is not None else None,
             )
-            offset += n
+            offset = piece.stop
     return [r for r in results if r is not None]
+
+
+def _padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with 0 to the longest row, and the attention mask (1 on real tokens): (B, T) each."""
+    T = max(len(row) for row in rows)
+    ids_B_T = torch.zeros((len(rows), T), dtype=torch.long)
+    mask_B_T = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids_B_T[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask_B_T[b, : len(row)] = 1
+    return ids_B_T, mask_B_T
 
 
 def _project(

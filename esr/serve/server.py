@@ -143,79 +143,100 @@ def build_app(
     name = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
     service = TeacherService(model, tokenizer, model_name=name, max_batch_tokens=max_batch_tokens,
                              max_top_k=max_top_k)
-    # Digests of equal length, compared in constant time: neither the token's content nor its length leaks.
-    expected = hashlib.sha256(f"Bearer {token}".encode()).digest() if token else None
-
-    def endpoint(handler: Callable[[Request], Awaitable[Any]], *, auth: bool = True
-                 ) -> Callable[[Request], Awaitable[Response]]:
-        """Auth, then the handler; a RequestError becomes its 4xx JSON error, anything else a 500."""
-        async def wrapped(request: Request) -> Response:
-            try:
-                if auth and expected is not None:
-                    given = request.headers.get("authorization", "").encode("utf-8", "replace")
-                    if not hmac.compare_digest(hashlib.sha256(given).digest(), expected):
-                        return JSONResponse(error_body(401, "missing or wrong bearer token (Authorization: Bearer "
-                                                            "<token>)"), status_code=401,
-                                            headers={"WWW-Authenticate": "Bearer"})
-                result = await handler(request)
-                if isinstance(result, bytes):  # rendered in the worker thread, off the event loop
-                    return Response(result, media_type="application/json")
-                return JSONResponse(result)
-            except RequestError as err:
-                return JSONResponse(error_body(err.status, err.message), status_code=err.status)
-            except ClientDisconnect:  # the client left while sending its body: nobody to answer
-                return Response(status_code=400)
-            except Exception as err:  # the client gets the reason, the server log the traceback
-                log.exception("request to %s failed", request.url.path)
-                return JSONResponse(error_body(500, f"internal error: {type(err).__name__}: {err}"), status_code=500)
-        return wrapped
-
-    async def health(request: Request) -> dict[str, Any]:
-        raw = request.query_params.get("vocab_prefix")
-        if raw is None:
-            return await run_in_threadpool(service.describe)  # the first call digests the vocabulary
-        if not raw.isdigit() or not 1 <= int(raw) <= len(tokenizer):
-            raise RequestError(400, f"vocab_prefix must be an integer in [1, {len(tokenizer)}] (got {raw!r})")
-        return await run_in_threadpool(service.describe, int(raw))
-
-    async def models(request: Request) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "esr",
-                                            "max_model_len": service.limits.max_sequence_tokens}]}
-
-    async def score(request: Request) -> bytes:
-        body = await read_body(request, max_request_bytes)
-
-        def work() -> bytes:
-            job = parse_score_request(_json(body), service.limits, name)
-            scores, seconds = service.run(job)
-            return _dumps(score_response(job, scores, name, seconds))
-        return await run_in_threadpool(work)
-
-    async def completions(request: Request) -> bytes:
-        body = await read_body(request, max_request_bytes)
-
-        def work() -> bytes:
-            job: CompletionJob = parse_completion_request(_json(body), service.limits, name)
-            scores, _ = service.run(job.as_score_job(), with_ranks=True, predict_next=job.max_tokens == 1)
-            return _dumps(completion_response(job, scores, name, service.decode))
-        return await run_in_threadpool(work)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
-        return JSONResponse(error_body(status, f"{request.method} {request.url.path}: {detail}"), status_code=status)
-
+    handlers = _Handlers(service, len(tokenizer), name, max_request_bytes)
+    bearer = _BearerToken(token) if token else None
     app = Starlette(
         routes=[
-            Route("/health", endpoint(health, auth=False), methods=["GET"]),
-            Route("/v1/models", endpoint(models), methods=["GET"]),
-            Route("/v1/score", endpoint(score), methods=["POST"]),
-            Route("/v1/completions", endpoint(completions), methods=["POST"]),
+            Route("/health", _endpoint(handlers.health, None), methods=["GET"]),
+            Route("/v1/models", _endpoint(handlers.models, bearer), methods=["GET"]),
+            Route("/v1/score", _endpoint(handlers.score, bearer), methods=["POST"]),
+            Route("/v1/completions", _endpoint(handlers.completions, bearer), methods=["POST"]),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: _http_error},
     )
     app.state.teacher = service
     return app
+
+
+class _BearerToken:
+    """The server's token, kept as the digest of its ``Authorization`` header. Digests of equal length, compared in
+    constant time: neither the token's content nor its length leaks."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = hashlib.sha256(f"Bearer {token}".encode()).digest()
+
+    def admits(self, request: Request) -> bool:
+        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        return hmac.compare_digest(hashlib.sha256(given).digest(), self._expected)
+
+
+def _endpoint(handler: Callable[[Request], Awaitable[Any]], bearer: _BearerToken | None
+              ) -> Callable[[Request], Awaitable[Response]]:
+    """Auth (when ``bearer`` is given), then the handler; a RequestError becomes its 4xx JSON error, anything else a
+    500."""
+    async def wrapped(request: Request) -> Response:
+        try:
+            if bearer is not None and not bearer.admits(request):
+                return JSONResponse(error_body(401, "missing or wrong bearer token (Authorization: Bearer <token>)"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            result = await handler(request)
+            if isinstance(result, bytes):  # rendered in the worker thread, off the event loop
+                return Response(result, media_type="application/json")
+            return JSONResponse(result)
+        except RequestError as err:
+            return JSONResponse(error_body(err.status, err.message), status_code=err.status)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            return Response(status_code=400)
+        except Exception as err:  # the client gets the reason, the server log the traceback
+            log.exception("request to %s failed", request.url.path)
+            return JSONResponse(error_body(500, f"internal error: {type(err).__name__}: {err}"), status_code=500)
+    return wrapped
+
+
+class _Handlers:
+    """The four endpoints' handlers. Parsing, scoring and formatting run in a worker thread (``run_in_threadpool``),
+    so the event loop keeps answering."""
+
+    def __init__(self, service: TeacherService, tokenizer_size: int, name: str, max_request_bytes: int) -> None:
+        self.service, self.tokenizer_size, self.name = service, tokenizer_size, name
+        self.max_request_bytes = max_request_bytes
+
+    async def health(self, request: Request) -> dict[str, Any]:
+        raw = request.query_params.get("vocab_prefix")
+        if raw is None:
+            return await run_in_threadpool(self.service.describe)  # the first call digests the vocabulary
+        if not raw.isdigit() or not 1 <= int(raw) <= self.tokenizer_size:
+            raise RequestError(400, f"vocab_prefix must be an integer in [1, {self.tokenizer_size}] (got {raw!r})")
+        return await run_in_threadpool(self.service.describe, int(raw))
+
+    async def models(self, request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "esr",
+                                            "max_model_len": self.service.limits.max_sequence_tokens}]}
+
+    async def score(self, request: Request) -> bytes:
+        body = await read_body(request, self.max_request_bytes)
+
+        def work() -> bytes:
+            job = parse_score_request(_json(body), self.service.limits, self.name)
+            scores, seconds = self.service.run(job)
+            return _dumps(score_response(job, scores, self.name, seconds))
+        return await run_in_threadpool(work)
+
+    async def completions(self, request: Request) -> bytes:
+        body = await read_body(request, self.max_request_bytes)
+
+        def work() -> bytes:
+            job: CompletionJob = parse_completion_request(_json(body), self.service.limits, self.name)
+            scores, _ = self.service.run(job.as_score_job(), with_ranks=True, predict_next=job.max_tokens == 1)
+            return _dumps(completion_response(job, scores, self.name, self.service.decode))
+        return await run_in_threadpool(work)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404, 405, ...) in the same JSON shape as the endpoints' errors."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+    return JSONResponse(error_body(status, f"{request.method} {request.url.path}: {detail}"), status_code=status)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -1,12 +1,9 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable checkpoints: writing and reading the step folders whose layout ``esr.models.checkpoints``
+describes (weights at the top as a plain Hugging Face folder, trainer state in ``trainer/``). Old-layout checkpoints
+(trainer state beside the weights) still resume.
 
-Layout of ``<run>/checkpoints/step-NNNNNN/``:
-    adapter_model.safetensors + adapter_config.json   (LoRA: ``PeftModel.from_pretrained(base, folder)``)
-    or model*.safetensors + config.json + tokenizer    (full fine-tuning: ``AutoModelForCausalLM.from_pretrained``)
-    trainer_state.pt    optimizer, scheduler and RNG states (tensors and plain data only: loaded weights_only)
-    trainer_state.json  step and bookkeeping, human-readable
-    extrapolator.safetensors   theta_base of EffOPD extrapolation (only with optim.extrapolate.enabled)
-    config.yaml         the resolved run config
+A LoRA adapter records a base that ``from_pretrained`` can resolve without esr: the fp32 cache folder of a zoo
+preset (a tiny preset is saved there first), the absolute path of a local folder, or the hub id.
 
 A checkpoint is written into ``step-NNNNNN.tmp-<pid>``, fsynced, and renamed into place only when complete, so a
 crash at any moment leaves either the whole new checkpoint or none of it; a leftover ``.tmp-*`` folder is ignored and
@@ -19,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,33 +27,41 @@ from torch import nn
 
 from esr.config import Config, save_config
 from esr.errors import EsrError
+from esr.models.checkpoints import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINTS,
+    EXTRAPOLATOR_STATE,
+    RUN_CONFIG,
+    TRAINER_STATE,
+    TRAINER_STATE_JSON,
+    checkpoint_dir,
+    is_old_layout,
+    latest_checkpoint,
+    list_checkpoints,
+    model_weight_files,
+    trainer_dir,
+    trainer_files,
+)
+from esr.models.load import resolvable_base
 from esr.models.lora import save_lora
 from esr.train.fsdp import is_sharded, shard_optimizer_state
 
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+__all__ = [  # the layout names stay importable from here, where they used to live
+    "CheckpointError", "checkpoint_dir", "is_old_layout", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+    "load_weights", "model_weight_files", "remove_partial_checkpoints", "save_checkpoint", "trainer_dir",
+    "trainer_files",
+]
 
 
 class CheckpointError(EsrError, RuntimeError):
     """A checkpoint could not be written or does not fit the run; the message says where and why."""
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:06d}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
-
-
 def remove_partial_checkpoints(run_dir: Path) -> None:
     """Clean up after a crash during a checkpoint write: delete ``.tmp-*`` folders (incomplete), and put back an
     ``.old-*`` folder (a complete checkpoint set aside while the same step was re-saved) whose step has none."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS
     if root.is_dir():
         for p in root.glob("step-*.tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
@@ -91,11 +95,9 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        if isinstance(model, PeftModel):
-            save_lora(model, tmp, state_dict=weights)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-            tokenizer.save_pretrained(tmp)
+        _write_weights(tmp, model, tokenizer, weights)
+        trainer = trainer_dir(tmp)
+        trainer.mkdir()
         torch.save(
             {
                 "optimizer": optimizer_state,
@@ -103,14 +105,14 @@ def save_checkpoint(
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
-            tmp / "trainer_state.pt",
+            trainer / TRAINER_STATE,
         )
         if extrapolator is not None:
             tensors, plain = extrapolator.state_dict()
-            save_file(tensors, str(tmp / "extrapolator.safetensors"))
+            save_file(tensors, str(trainer / EXTRAPOLATOR_STATE))
             state = {**state, "extrapolator": plain}
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        save_config(cfg, tmp / "config.yaml")
+        (trainer / TRAINER_STATE_JSON).write_text(json.dumps({"step": step, **state}, indent=2))
+        save_config(cfg, tmp / RUN_CONFIG)
         _fsync_tree(tmp)
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         if final.exists():  # re-saving the same step (e.g. the end of a resumed run): set the old one aside first
@@ -126,6 +128,20 @@ def save_checkpoint(
                               f"Free disk space (or fix the folder's permissions) and continue with "
                               f"`esr train --resume {run_dir}`") from e
     return final
+
+
+def _write_weights(folder: Path, model: nn.Module, tokenizer: Any, weights: dict[str, torch.Tensor] | None) -> None:
+    """The model part of a checkpoint, as a plain Hugging Face folder: the LoRA adapter (its config naming a base
+    that ``from_pretrained`` finds), or all weights with config and tokenizer."""
+    if isinstance(model, PeftModel):
+        save_lora(model, folder, state_dict=weights)
+        config_path = folder / ADAPTER_CONFIG
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = resolvable_base(str(config.get("base_model_name_or_path") or ""))
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    else:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
+        tokenizer.save_pretrained(folder)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -145,21 +161,23 @@ def load_checkpoint(
     weights: bool = True,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler, RNG (and the extrapolator's state) from ``folder``; return its
-    trainer_state.json. ``weights=False``: the caller loaded them already (before sharding, esr.train.fsdp); the
-    optimizer state is then cut to this process's shards."""
+    trainer_state.json (from ``trainer/``, or beside the weights in an old-layout checkpoint). ``weights=False``: the
+    caller loaded them already (before sharding, esr.train.fsdp); the optimizer state is then cut to this process's
+    shards."""
     if weights:
         load_weights(folder, model)
-    state = json.loads((folder / "trainer_state.json").read_text())
+    trainer = trainer_files(folder)  # trainer/, or the step folder itself in the old layout
+    state = json.loads((trainer / TRAINER_STATE_JSON).read_text())
     if extrapolator is not None:
-        if not (folder / "extrapolator.safetensors").is_file() or "extrapolator" not in state:
+        if not (trainer / EXTRAPOLATOR_STATE).is_file() or "extrapolator" not in state:
             raise CheckpointError(f"{folder} has no extrapolation state (it was written with optim.extrapolate "
                                   "off); resume it with optim.extrapolate.enabled=false or start a new run")
-        extrapolator.load_state_dict(load_file(folder / "extrapolator.safetensors"), state["extrapolator"])
+        extrapolator.load_state_dict(load_file(trainer / EXTRAPOLATOR_STATE), state["extrapolator"])
     try:  # weights_only: tensors and plain data only; anything else is refused by torch, never unpickled
-        blob = torch.load(folder / "trainer_state.pt", weights_only=True, map_location="cpu")
+        blob = torch.load(trainer / TRAINER_STATE, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(
-            f"{folder / 'trainer_state.pt'} was refused: it holds more than tensors and plain data, or is damaged "
+            f"{trainer / TRAINER_STATE} was refused: it holds more than tensors and plain data, or is damaged "
             f"({_torch_reason(e)}). esr did not write it; resume from an earlier checkpoint (remove {folder}) or "
             "start a new run") from e
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -183,7 +201,7 @@ def _torch_reason(error: BaseException) -> str:
 def load_weights(folder: Path, model: nn.Module) -> None:
     """The checkpoint's weights into ``model`` (an unsharded one): the LoRA adapter, or every weight."""
     if isinstance(model, PeftModel):
-        adapter = folder / "adapter_model.safetensors"
+        adapter = folder / ADAPTER_WEIGHTS
         if not adapter.is_file():
             raise CheckpointError(f"{folder} holds no LoRA adapter, but this run trains LoRA (train.finetune=lora)")
         try:
@@ -198,7 +216,7 @@ def load_weights(folder: Path, model: nn.Module) -> None:
                                   f"match this run's (e.g. {bad[0]}); resume with the student and lora.* it was "
                                   "trained with, or start a new run")
         return
-    files = sorted(folder.glob("*.safetensors"))
+    files = model_weight_files(folder)  # by name: an old layout's extrapolator.safetensors lies beside them
     if not files:
         raise CheckpointError(f"{folder} holds no model*.safetensors, but this run trains all weights")
     state: dict[str, torch.Tensor] = {}

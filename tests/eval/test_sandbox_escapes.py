@@ -296,7 +296,7 @@ def test_the_callers_private_files_cannot_be_read(secret_file: tuple[Path, str],
 
 
 @pytest.mark.xfail(strict=True, reason="the program sees the host's filesystem (read-only), not a minimal root: "
-                   "world-readable files stay readable; see 'What it does NOT do' in esr/eval/sandbox.py")
+                   "world-readable files stay readable; see 'What it does NOT do' in esr/eval/sandbox/__init__.py")
 def test_world_readable_files_of_the_caller_cannot_be_read(secret_file: tuple[Path, str]) -> None:
     path, secret = secret_file
     path.chmod(0o644)

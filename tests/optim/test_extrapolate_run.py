@@ -67,12 +67,12 @@ def test_resume_with_extrapolation_matches_an_uninterrupted_run(tmp_path, monkey
     assert _stable(resumed.metrics) == _stable(whole.metrics)
     assert _events(tmp_path / "crashed") == events
     name = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"
-    for file in (name, "extrapolator.safetensors"):
+    for file in (name, "trainer/extrapolator.safetensors"):
         a, b = load_file(whole.last_checkpoint / file), load_file(resumed.last_checkpoint / file)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (file, k)
-    state = json.loads((resumed.last_checkpoint / "trainer_state.json").read_text())
+    state = json.loads((resumed.last_checkpoint / "trainer" / "trainer_state.json").read_text())
     assert state["extrapolator"]["alpha"] < 2.0  # carried past an accepted try
 
 

@@ -109,8 +109,9 @@ def test_sigkill_anywhere_then_resume_ends_identical_to_an_uninterrupted_run(tmp
             if folder in leftovers:
                 continue
             # Every checkpoint folder under its final name is complete: it loads.
-            assert (folder / "trainer_state.json").is_file() and (folder / "adapter_model.safetensors").is_file()
-            torch.load(folder / "trainer_state.pt", weights_only=True)
+            assert (folder / "trainer" / "trainer_state.json").is_file()
+            assert (folder / "adapter_model.safetensors").is_file()
+            torch.load(folder / "trainer" / "trainer_state.pt", weights_only=True)
     assert _attempt(run, "none", 0, rng) == 0  # the last resume finishes
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -121,11 +122,11 @@ def test_sigkill_anywhere_then_resume_ends_identical_to_an_uninterrupted_run(tmp
     assert not list((run / "checkpoints").glob("*.tmp-*")) and not list((run / "checkpoints").glob("*.old-*"))
 
     a_dir, b_dir = whole.last_checkpoint, run / "checkpoints" / f"step-{STEPS:06d}"
-    for name in ("adapter_model.safetensors", "extrapolator.safetensors"):
+    for name in ("adapter_model.safetensors", "trainer/extrapolator.safetensors"):
         a, b = load_file(a_dir / name), load_file(b_dir / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    a = torch.load(a_dir / "trainer_state.pt", weights_only=True)["optimizer"]
-    b = torch.load(b_dir / "trainer_state.pt", weights_only=True)["optimizer"]
+    a = torch.load(a_dir / "trainer" / "trainer_state.pt", weights_only=True)["optimizer"]
+    b = torch.load(b_dir / "trainer" / "trainer_state.pt", weights_only=True)["optimizer"]
     assert a["state"].keys() == b["state"].keys()
     for i in a["state"]:
         for key in ("exp_avg", "exp_avg_sq", "step"):

@@ -68,7 +68,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, needs_
     assert "esr train --resume" in out.stderr
     assert latest_checkpoint(run).name == "step-000002"
     assert not list((run / "checkpoints").glob("*.tmp-*"))  # nothing half-written is left behind
-    torch.load(run / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    torch.load(run / "checkpoints" / "step-000002" / "trainer" / "trainer_state.pt", weights_only=True)
 
     resumed = subprocess.run([sys.executable, "-m", "esr.cli", "train", "--resume", str(run), "--no-progress"],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)

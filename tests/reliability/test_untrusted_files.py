@@ -133,7 +133,7 @@ def test_yaml_python_tags_are_refused_in_files_and_overrides(tmp_path, capsys):
 def test_trainer_state_with_a_pickled_object_is_refused_not_run(tmp_path, capsys):
     run = train(load_config(SMOKE, ["train.steps=1"]), tmp_path / "run", progress=False)
     marker = tmp_path / "pwned"
-    state = run.last_checkpoint / "trainer_state.pt"
+    state = run.last_checkpoint / "trainer" / "trainer_state.pt"
     torch.save({"optimizer": _RunsCode(marker), "scheduler": {}, "rng_cpu": torch.get_rng_state(), "rng_cuda": []},
                state)
     err = _cli_error(capsys, ["train", "--resume", str(tmp_path / "run"), "--no-progress"])

@@ -29,7 +29,7 @@ def test_cli_smoke_run_writes_a_complete_run_folder(tmp_path, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     ckpt = out / "checkpoints" / "step-000003"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "config.yaml").is_file()
-    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((ckpt / "trainer" / "trainer_state.json").read_text())["step"] == 3
     assert load_config(out / "config.yaml").train.steps == 3
     assert "mean KL, first" in capsys.readouterr().err
 
