@@ -45,7 +45,7 @@ def imported_top_modules(*folders: str) -> set[str]:
     std = set(sys.stdlib_module_names)
     found: set[str] = set()
     for folder in folders:
-        local = {p.stem for p in (REPO / folder).glob("*.py")}
+        local = {p.stem for p in (REPO / folder).rglob("*.py")}  # scripts that import their neighbours by name
         for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
@@ -54,7 +54,7 @@ def imported_top_modules(*folders: str) -> set[str]:
                     names = [node.module]
                 else:
                     continue
-                found |= {n.split(".")[0] for n in names} - std - local - {"esr", "__future__"}
+                found |= {n.split(".")[0] for n in names} - std - local - {"esr", "benchmarks", "studies", "__future__"}
     return found
 
 
