@@ -3,8 +3,8 @@
 # command 2 verbatim (install what the tests need), then the tests. Run it before you stop: a package you installed
 # by hand in your working environment cannot make it pass.
 #
-#   scripts/fresh_check.sh            # a fast subset: packaging, README examples' table, optional extras (~3 min)
-#   scripts/fresh_check.sh --full     # the whole suite, as CI runs it (~10 min on 2 cores)
+#   scripts/fresh_check.sh            # a fast subset: packaging, the README examples table, extras (~1 min of tests)
+#   scripts/fresh_check.sh --full     # the whole suite, as CI runs it (~15 min on 2 cores)
 #   scripts/fresh_check.sh -- tests/train -x    # any pytest arguments after --
 #
 # Uncommitted changes are not in the clone: commit first. Caches kept: pip's downloads and $ESR_CACHE (files only).
