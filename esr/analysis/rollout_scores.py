@@ -33,7 +33,7 @@ from esr.config import Config, load_config
 from esr.data.heldout import HELDOUT_SEED, HeldOutPrompts, heldout_prompts  # noqa: F401  (re-exported)
 from esr.errors import EsrError
 from esr.losses import entropy, reverse_kl
-from esr.models.checkpoints import latest_checkpoint
+from esr.models.checkpoints import checkpoint_dir, latest_checkpoint, list_checkpoints
 from esr.models.forward import head_logits, response_hidden
 from esr.models.load import load_tokenizer
 from esr.models.pair import load_frozen, require_shared_vocabulary, resolve_device, resolve_dtype
@@ -161,13 +161,13 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str | int = "last") -> P
             raise AnalysisError(f"{run_dir} has no checkpoint under checkpoints/; train it first")
         return found
     if isinstance(checkpoint, int) or str(checkpoint).isdigit():
-        candidate = run_dir / "checkpoints" / f"step-{int(checkpoint):06d}"
+        candidate = checkpoint_dir(run_dir, int(checkpoint))
     elif Path(checkpoint).is_dir():
         candidate = Path(checkpoint)
     else:
         candidate = run_dir / "checkpoints" / str(checkpoint)
     if not candidate.is_dir():
-        have = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) or ["none"]
+        have = [p.name for p in list_checkpoints(run_dir)] or ["none"]
         raise AnalysisError(f"checkpoint {checkpoint!r} not found in {run_dir} (have: {', '.join(have)})")
     return candidate
 

@@ -12,8 +12,8 @@ def eval_targets(spec: str, *, include_base: bool = True) -> list[tuple[str, str
     if not ((folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir()):
         return [(spec, spec)]
     from esr.config import load_config
+    from esr.models.checkpoints import list_checkpoints
 
-    checkpoints = sorted(p for p in (folder / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("step-")
-                         and ".tmp" not in p.name)
+    checkpoints = list_checkpoints(folder)
     base = [("base", load_config(folder / "config.yaml").student.name)] if include_base else []
     return base + [(p.name, str(p)) for p in checkpoints]
