@@ -61,14 +61,26 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def save_lora(model: PeftModel, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_lora(model: PeftModel, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+              base: str | None = None) -> None:
     """Save only the adapter (and its config naming the base spec) so that `load_model(folder)` restores it.
 
     `save_embedding_layers=False`: peft's default ("auto") looks the base up on the hub to see whether the vocabulary
     was resized, a network call that fails or stalls offline; esr never resizes the vocabulary. `state_dict`: the
-    adapter's tensors when the model's own are sharded (named as in `model.named_parameters()`).
+    adapter's tensors when the model's own are sharded (named as in `model.named_parameters()`). `base`: what
+    `adapter_config.json` records as `base_model_name_or_path` instead of the spec the model was loaded from (a
+    checkpoint records a base plain `from_pretrained` can find: `esr.models.load.resolvable_base`).
     """
-    model.save_pretrained(str(folder), save_embedding_layers=False, state_dict=state_dict)
+    configs = list(model.peft_config.values())
+    loaded_from = [c.base_model_name_or_path for c in configs]
+    try:
+        if base is not None:
+            for c in configs:
+                c.base_model_name_or_path = base
+        model.save_pretrained(str(folder), save_embedding_layers=False, state_dict=state_dict)
+    finally:
+        for c, spec in zip(configs, loaded_from, strict=True):
+            c.base_model_name_or_path = spec
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

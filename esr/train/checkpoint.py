@@ -28,7 +28,6 @@ from torch import nn
 from esr.config import Config, save_config
 from esr.errors import EsrError
 from esr.models.checkpoints import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINTS,
     EXTRAPOLATOR_STATE,
@@ -134,11 +133,8 @@ def _write_weights(folder: Path, model: nn.Module, tokenizer: Any, weights: dict
     """The model part of a checkpoint, as a plain Hugging Face folder: the LoRA adapter (its config naming a base
     that ``from_pretrained`` finds), or all weights with config and tokenizer."""
     if isinstance(model, PeftModel):
-        save_lora(model, folder, state_dict=weights)
-        config_path = folder / ADAPTER_CONFIG
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = resolvable_base(str(config.get("base_model_name_or_path") or ""))
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        loaded_from = next(iter(model.peft_config.values())).base_model_name_or_path or ""
+        save_lora(model, folder, state_dict=weights, base=resolvable_base(str(loaded_from)))
     else:
         model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(folder)
