@@ -22,10 +22,11 @@ from esr.config.schema import (
     Select,
     TeacherConfig,
     TrainConfig,
+    VllmConfig,
 )
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "LoraConfig", "LossConfig",
-    "ModelConfig", "OptimConfig", "RolloutConfig", "Select", "TeacherConfig", "TrainConfig", "apply_overrides",
-    "from_dict", "load_config", "save_config", "to_dict",
+    "ModelConfig", "OptimConfig", "RolloutConfig", "Select", "TeacherConfig", "TrainConfig", "VllmConfig",
+    "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
 ]

@@ -20,7 +20,7 @@ from esr.config import ConfigError, RolloutConfig
 from esr.rollout.sampler import HFSampler
 from esr.types import Rollouts
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "hf-compiled", "vllm", "vllm-server")
 """The values ``rollout.engine`` may take."""
 
 

@@ -1,0 +1,156 @@
+"""The checks of one part of the config at a time that ``schema._check_consistency`` runs: EffOPD's settings, a
+remote teacher, and the rollout and teacher engines. Kept apart from the tree itself so ``schema`` stays the list of
+keys a user reads."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from typing import Any
+
+from esr.errors import EsrError
+
+
+class ConfigError(EsrError, ValueError):
+    """A config key is unknown, or a value is invalid or contradicts another."""
+
+
+def check_extrapolate(x: Any) -> None:
+    if x.every < 1 or x.max_tries < 1 or x.probe_size < 1 or (x.probe_tokens is not None and x.probe_tokens < 1):
+        raise ConfigError("optim.extrapolate.every, .max_tries, .probe_size and .probe_tokens must be at least 1")
+    if not 0.0 < x.alpha < float("inf"):
+        raise ConfigError(f"optim.extrapolate.alpha must be a finite number > 0, got {x.alpha}")
+    if x.min_improvement < 0:
+        raise ConfigError(f"optim.extrapolate.min_improvement must be >= 0, got {x.min_improvement}")
+
+
+TEACHER_SCORE_SELECTORS = ("top-kl-n", "top-teacher-entropy-n", "kl*hs", "ht*hs", "kl*ht*hs")
+"""`loss.select` values that rank tokens by the teacher's distribution (KL or H(p_t); ``esr.losses.needed_scores``
+names "kl" or "ht" for exactly these): a remote teacher, which returns log p_t of sampled tokens only, cannot."""
+
+
+def check_remote_teacher(cfg: Any) -> None:
+    """With ``teacher.url`` only what needs log p_t of the sampled tokens can run (esr/train/remote_teacher.py)."""
+    tc, loss = cfg.teacher, cfg.loss
+    url = tc.url or ""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(f"teacher.url={url!r} is not an http(s) URL: write it like http://HOST:8000")
+    if "@" in host:
+        raise ConfigError("teacher.url must not hold credentials (user:password@): they would be written to the run's "
+                          "config.yaml. Put the bearer token in an environment variable and name it in "
+                          "teacher.token_env")
+    if tc.token_env is not None and (not tc.token_env.isidentifier() or not tc.token_env.isascii()):
+        raise ConfigError(f"teacher.token_env must name an environment variable (like ESR_TEACHER_TOKEN), not "
+                          f"hold the token itself; got a value that is not a variable name ({len(tc.token_env)} chars)")
+    if not 0.0 < tc.timeout_s < float("inf") or tc.retries < 0 or tc.max_batch_sequences < 1:
+        raise ConfigError("teacher.timeout_s must be a finite number > 0, teacher.retries >= 0 and teacher."
+                          f"max_batch_sequences >= 1; got {tc.timeout_s}, {tc.retries}, {tc.max_batch_sequences}")
+    why = "a remote teacher (teacher.url) returns only log p_t of the sampled tokens"
+    local = "or drop teacher.url to load the teacher locally"
+    if loss.kind != "sampled":
+        raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
+                          f"loss.kind=sampled (the policy-gradient estimator of reverse KL), {local}")
+    if loss.select in TEACHER_SCORE_SELECTORS:
+        raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
+                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {local}")
+    if loss.cross_tokenizer is not None:
+        raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer} needs the teacher's tokenizer and hidden "
+                          f"states here, but {why}: serve a teacher that shares the student's tokenizer and unset "
+                          f"loss.cross_tokenizer, {local}")
+    x = cfg.optim.extrapolate
+    if x.enabled and x.probe == "reverse_kl":
+        raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
+                          f"{why}: set optim.extrapolate.probe=eval (an eval.task metric), "
+                          f"optim.extrapolate.enabled=false, {local}")
+
+
+def check_loss(loss: Any, select_type: Any) -> None:
+    """``loss``'s values: the cross-tokenizer mode against the kind, beta, the selector (``select_type``: the
+    ``Select`` literal) and the position weighting."""
+    x, kind = loss.cross_tokenizer, loss.kind
+    if x == "aligned-exact" and kind == "sampled":
+        raise ConfigError("loss.cross_tokenizer=aligned-exact trains full distributions; with loss.kind=sampled use "
+                          "loss.cross_tokenizer=span-sampled (or pick loss.kind=reverse_kl|forward_kl|jsd)")
+    if x == "span-sampled" and kind not in ("reverse_kl", "sampled"):
+        raise ConfigError(f"loss.cross_tokenizer=span-sampled is a sampled estimate of reverse KL; loss.kind={kind} "
+                          "needs full distributions: use loss.cross_tokenizer=aligned-exact")
+    if not 0.0 <= loss.beta <= 1.0:
+        raise ConfigError(f"loss.beta must be in [0, 1], got {loss.beta}")
+    selectors = typing.get_args(select_type)  # checked here too: a LossConfig built in code skips from_dict's check
+    if loss.select not in selectors:
+        close = difflib.get_close_matches(str(loss.select), selectors, n=1, cutoff=0.4)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"loss.select={loss.select!r} is not one of {', '.join(selectors)}.{hint}")
+    if not 0.0 <= loss.position_gamma < float("inf"):
+        raise ConfigError(f"loss.position_gamma must be a finite number >= 0 (0: no position weighting), "
+                          f"got {loss.position_gamma}")
+
+
+VLLM_ENGINES = ("vllm", "vllm-server")
+
+
+def check_engines(cfg: Any) -> None:
+    """The rollout and teacher engines against the rest of the config (esr/rollout/engine.py, esr/teacher/scorer.py).
+
+    What is refused here and why:
+    - ``vllm-server`` with ``train.finetune=full``: vLLM 0.32 updates a server's full weights only through its
+      weight-transfer engines (``/init_weight_transfer_engine`` + ``/update_weights``, NCCL or CUDA IPC), GPU-only
+      and untestable on esr's CPU CI; LoRA adapters go through ``/v1/load_lora_adapter`` and work anywhere.
+    - a vLLM rollout engine with ``train.fsdp``: the engine runs beside one training process (colocated) or on its
+      own machines (server); sharded training processes would each need the whole weights gathered first.
+    """
+    r, loss, tc = cfg.rollout, cfg.loss, cfg.teacher
+    v = r.vllm
+    if r.engine == "vllm-server":
+        if v.url is None:
+            raise ConfigError("rollout.engine=vllm-server needs rollout.vllm.url, the server's address, e.g. "
+                              "rollout.vllm.url=http://127.0.0.1:8000 (start it with python -m "
+                              "vllm.entrypoints.openai.api_server --model STUDENT --enable-lora)")
+        check_url("rollout.vllm.url", v.url)
+        if cfg.train.finetune == "full":
+            raise ConfigError("rollout.engine=vllm-server syncs LoRA adapters (train.finetune=lora); vLLM 0.32 loads "
+                              "a server's full weights only through its GPU weight-transfer engines (NCCL, CUDA "
+                              "IPC), which esr does not drive yet. Use train.finetune=lora, or rollout.engine=vllm "
+                              "(colocated: full weights are loaded in place every step)")
+    elif v.url is not None:
+        raise ConfigError(f"rollout.vllm.url is set but rollout.engine={r.engine}: set rollout.engine=vllm-server to "
+                          "sample on that server, or drop rollout.vllm.url")
+    if r.engine in VLLM_ENGINES and cfg.train.fsdp:
+        raise ConfigError(f"rollout.engine={r.engine} samples beside one training process; train.fsdp shards the "
+                          "student over several: use rollout.engine=hf with train.fsdp")
+    if not 0.0 < v.kv_cache_gib < float("inf") or not 0.0 < v.timeout_s < float("inf") or v.retries < 0:
+        raise ConfigError("rollout.vllm.kv_cache_gib and rollout.vllm.timeout_s must be finite numbers > 0 and "
+                          f"rollout.vllm.retries >= 0; got {v.kv_cache_gib}, {v.timeout_s}, {v.retries}")
+    if v.max_model_len is not None and v.max_model_len < 2:
+        raise ConfigError(f"rollout.vllm.max_model_len must be at least 2, got {v.max_model_len}")
+    if loss.top_k < 1:
+        raise ConfigError(f"loss.top_k must be at least 1, got {loss.top_k}")
+    if loss.tis_cap is not None:
+        if not 1.0 <= loss.tis_cap < float("inf"):
+            raise ConfigError(f"loss.tis_cap must be a finite number >= 1 (TRL uses 2-3), got {loss.tis_cap}")
+        if loss.kind != "sampled":
+            raise ConfigError(f"loss.tis_cap corrects the sampled estimator (loss.kind=sampled); loss.kind="
+                              f"{loss.kind} uses the trainer's own distribution at every position: drop loss.tis_cap")
+        if r.engine not in VLLM_ENGINES:
+            raise ConfigError(f"loss.tis_cap corrects a vLLM engine's numeric mismatch; rollout.engine={r.engine} "
+                              "samples with the trainer's own forward: drop loss.tis_cap or set rollout.engine=vllm")
+    engine = getattr(tc, "engine", "hf")  # a plain ModelConfig (built in code) is a local hf teacher
+    if engine == "vllm-server" and tc.url is None:
+        raise ConfigError("teacher.engine=vllm-server needs teacher.url, the server's address, e.g. "
+                          "teacher.url=http://127.0.0.1:8001")
+    if engine == "vllm" and tc.url is not None:
+        raise ConfigError("teacher.engine=vllm runs the teacher in this process, but teacher.url names a server: "
+                          "set teacher.engine=vllm-server to score on that server, or drop teacher.url")
+
+
+def check_url(key: str, url: str) -> None:
+    """An http(s) URL without credentials (they would be written to the run's config.yaml)."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{key}={url!r} is not an http(s) URL: write it like http://HOST:8000")
+    if "@" in host:
+        raise ConfigError(f"{key} must not hold credentials (user:password@): they would be written to the run's "
+                          "config.yaml")
