@@ -2,18 +2,26 @@
 
 A run picks its engine once, when the session is built, by ``rollout.engine``:
 
-    hf     Hugging Face ``generate`` on the trainer's own module (``esr.rollout.sampler.HFSampler``)
+    hf            Hugging Face ``generate`` on the trainer's own module              (esr.rollout.sampler.HFSampler)
+    hf-compiled   the same with a static KV cache and ``torch.compile`` (a GPU decode path where vLLM cannot be
+                  installed)                                                        (esr.rollout.compiled)
+    vllm          an in-process ``vllm.LLM`` (colocated): LoRA adapters handed over as a new ``LoRARequest``, full
+                  weights reloaded in place, before every step's sampling            (esr.rollout.vllm_engine)
+    vllm-server   a running vLLM OpenAI-compatible server (``rollout.vllm.url``): adapters loaded through its
+                  ``/v1/load_lora_adapter``                                          (esr.rollout.vllm_server)
 
-Issue 21 adds ``vllm`` (an in-process ``vllm.LLM``) and ``vllm-server`` here: each takes prompt ids, the horizon
-and per-row seeds and returns ``Rollouts`` (token ids, masks, and the engine's log-probs of the sampled tokens in
-``Rollouts.logprobs_B_R``); ``sync_weights`` is where such an engine receives the trainer's weights.
+Every engine takes prompt ids, the horizon and per-row seeds and returns ``Rollouts``; the vLLM ones also return
+their log-probs of the sampled tokens (``Rollouts.logprobs_B_R``), which the step compares with the trainer's own
+(the on-policy health metric, esr.train.step). ``esr.rollout.requests`` fixes the sampling contract they share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from esr.config import ConfigError, RolloutConfig
@@ -43,12 +51,52 @@ class Sampler(Protocol):
         adapter here."""
         ...
 
+    def close(self) -> None:
+        """Free the engine (a vLLM engine's memory and threads, a server's adapters); idempotent."""
+        ...
 
-def make_sampler(cfg: RolloutConfig, model: nn.Module, *, eos_token_ids: Sequence[int],
-                 pad_token_id: int) -> Sampler:
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What an engine with its own copy of the student needs beyond ``rollout``'s settings."""
+
+    source: str
+    """The student's weights as a folder (or hub id) the engine loads (``esr.models.load.resolvable_base``)."""
+    finetune: str
+    """``train.finetune``: ``lora`` (sync adapters) or ``full`` (sync every weight)."""
+    lora_rank: int
+    """``lora.r``: the largest adapter rank the engine must accept."""
+    train_dtype: torch.dtype
+    """The trainer's dtype (``rollout.dtype=auto`` samples in it)."""
+    max_model_len: int
+    """Longest prompt plus ``rollout.max_new_tokens`` (``rollout.vllm.max_model_len`` overrides it)."""
+    seed: int = 0
+
+
+def sample_dtype(cfg: RolloutConfig, train_dtype: torch.dtype) -> torch.dtype:
+    """``rollout.dtype``: ``auto`` is the trainer's dtype."""
+    return {"auto": train_dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def make_sampler(cfg: RolloutConfig, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int,
+                 context: EngineContext | None = None) -> Sampler:
     """The ``rollout.engine`` sampler for ``model`` with ``rollout``'s temperature, top-p, minimum length and
-    generation batch size."""
+    generation batch size. The vLLM engines need ``context`` (the student's folder, how it is fine-tuned)."""
     if cfg.engine not in ENGINES:  # load_config checks it too; a config built in code may hold anything
         raise ConfigError(f"rollout.engine={cfg.engine!r} is not one of {', '.join(ENGINES)}")
-    return HFSampler(model, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, temperature=cfg.temperature,
-                     top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens, batch_size=cfg.batch_size)
+    if cfg.engine == "hf":
+        return HFSampler(model, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, temperature=cfg.temperature,
+                         top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens, batch_size=cfg.batch_size)
+    if context is None:
+        raise ValueError(f"rollout.engine={cfg.engine} needs an EngineContext (the student's folder and fine-tuning)")
+    if cfg.engine == "hf-compiled":
+        from esr.rollout.compiled import CompiledHFSampler
+
+        return CompiledHFSampler(model, cfg, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, context=context)
+    if cfg.engine == "vllm":
+        from esr.rollout.vllm_engine import VLLMSampler
+
+        return VLLMSampler(cfg, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, context=context)
+    from esr.rollout.vllm_server import VLLMServerSampler
+
+    return VLLMServerSampler(cfg, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, context=context)

@@ -159,6 +159,9 @@ class HFSampler:
         """Nothing to copy: ``self.model`` is the trained module itself (or, wrapped for training, shares its
         parameters), so every step samples from the current weights."""
 
+    def close(self) -> None:
+        """Nothing to free: the module is the trainer's."""
+
     def generation_config(self, max_new_tokens: int) -> GenerationConfig:
         """Greedy ``generate`` with no warpers of HF's own (top-k off, no repetition penalty): sampling at
         ``temperature`` with ``top_p`` is ``RowSampling``'s job, added by ``sample``."""

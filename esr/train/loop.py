@@ -109,8 +109,20 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     extrapolator = make_extrapolator(s, cfg, run_dir) if cfg.optim.extrapolate.enabled else None
     events_path = run_dir / "extrapolate" / "events.jsonl"
 
-    s, start, ckpt, nonfinite_in_a_row = _restore(s, cfg, run_dir, resume, extrapolator, log, evals, events_path)
+    try:
+        s, start, ckpt, nonfinite_in_a_row = _restore(s, cfg, run_dir, resume, extrapolator, log, evals, events_path)
+        ckpt = _steps(s, cfg, run_dir, start, ckpt, nonfinite_in_a_row, extrapolator, log, evals, events_path,
+                      progress)
+    finally:
+        s.sampler.close()  # a vLLM engine holds memory and threads (a crash must not leave them behind)
+    log.close()
+    return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
 
+
+def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None, nonfinite_in_a_row: int,
+           extrapolator: Extrapolator | None, log: MetricsLog, evals: PeriodicEval, events_path: Path,
+           progress: bool) -> Path | None:
+    """Steps ``start`` .. ``train.steps``: step, log, checkpoint, evaluate. Returns the last checkpoint."""
     bar = RunProgress(cfg.train.steps, start, enabled=progress and is_main())
     for step in range(start, cfg.train.steps):
         with _explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar):
@@ -138,8 +150,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
             log.scalars("eval", step + 1, row)
             bar.note(f"eval step {step + 1}: {cfg.eval.metric} {row[cfg.eval.metric]:.3f}")
     bar.close()
-    log.close()
-    return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
+    return ckpt
 
 
 def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator: Extrapolator | None,

@@ -20,6 +20,7 @@ from esr.data.order import batch_indices  # noqa: F401  (re-exported: the loop a
 from esr.data.sources import PromptSet
 from esr.data.template import TokenizedPrompts
 from esr.models import apply_lora, load_model
+from esr.models.load import resolvable_base
 from esr.models.pair import (
     require_shared_vocabulary,
     resolve_device,
@@ -27,7 +28,7 @@ from esr.models.pair import (
     shared_vocab_size,
     vocabulary_mismatch,
 )
-from esr.rollout.engine import Sampler, make_sampler
+from esr.rollout.engine import EngineContext, Sampler, make_sampler
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.policies import HorizonPolicy, make_policy
 from esr.teacher.cross import CrossTokenizer, template_warnings
@@ -115,7 +116,8 @@ def build_session(cfg: Config) -> Session:
     student = _make_trainable(student, cfg)
     optimizer, scheduler = make_optimizer(student, cfg)
     pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
-    sampler = make_sampler(cfg.rollout, student, eos_token_ids=eos_ids, pad_token_id=pad_id)
+    sampler = make_sampler(cfg.rollout, student, eos_token_ids=eos_ids, pad_token_id=pad_id,
+                           context=_engine_context(cfg, dtype, prompt_budget(cfg, student)))
     info = {
         **_model_info(device, dtype, student, teacher, remote),
         **_vocabulary_info(vocab, eos_ids, pad_id, cross),
@@ -196,6 +198,17 @@ def _make_scorer(cfg: Config, teacher: nn.Module | None, remote: RemoteScorer | 
         return local
     assert vocab.cross_mode is not None
     return CrossScorer(local, cross, vocab.cross_mode, chunk_size=cfg.loss.chunk_size)
+
+
+def _engine_context(cfg: Config, dtype: torch.dtype, prompt_tokens: int) -> EngineContext | None:
+    """What an engine with its own copy of the student needs (None for ``hf``, which samples with the trainer's
+    module): the student as a folder it can load, and a context length that holds the longest prompt plus
+    ``rollout.max_new_tokens``."""
+    if cfg.rollout.engine == "hf":
+        return None
+    return EngineContext(source=resolvable_base(cfg.student.name), finetune=cfg.train.finetune,
+                         lora_rank=cfg.lora.r, train_dtype=dtype, seed=cfg.seed,
+                         max_model_len=cfg.rollout.vllm.max_model_len or prompt_tokens + cfg.rollout.max_new_tokens)
 
 
 def _model_info(device: torch.device, dtype: torch.dtype, student: nn.Module, teacher: nn.Module | None,
