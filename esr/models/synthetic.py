@@ -7,7 +7,14 @@ caller's random state.
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
 
 from esr.models.zoo import (
     PRESETS,
@@ -24,12 +31,13 @@ def build_tiny(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tiny = TINY[name]
     tokenizer = preset_tokenizer(tiny.tokenizer_from)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = LlamaConfig(
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[tiny.model_type]
+    config = config_class(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # a row for every token, padded to 64 like real checkpoints
         hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size, num_hidden_layers=2,
         num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_kv_heads, max_position_embeddings=8192,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_id,
+        pad_token_id=pad_id, **({"head_dim": tiny.head_dim} if tiny.head_dim else {}),
     )
     return _seeded_model(config, tiny.seed, name), tokenizer
 

@@ -42,6 +42,10 @@ class TinyPreset:
     params: int
     description: str
     tokenizer_from: str = "smollm2-135m-instruct"  # the real preset whose tokenizer (only) the tiny model uses
+    model_type: str = "llama"
+    """``llama`` or ``qwen2`` (Qwen2.5's architecture: q/k/v biases)."""
+    head_dim: int | None = None
+    """None: hidden_size / num_heads (16 for the Llama ones; vLLM's CPU attention needs at least 32)."""
 
 
 def _chunked(module: str, count: int, getter: str) -> tuple[str, ...]:
@@ -123,5 +127,8 @@ TINY: dict[str, TinyPreset] = {
         TinyPreset("tiny-teacher-qwen", 96, 192, 4, 2, seed=4322, params=14_752_224,
                    description="2-layer Llama, hidden 96, random weights, Qwen2.5 tokenizer (cross-tokenizer tests).",
                    tokenizer_from="qwen2.5-coder-0.5b-instruct"),
+        TinyPreset("tiny-qwen", 64, 128, 2, 1, seed=4323, params=9_798_208,
+                   description="2-layer Qwen2, hidden 64, head size 32, random, Qwen2.5 tokenizer (vLLM tests).",
+                   tokenizer_from="qwen2.5-coder-0.5b-instruct", model_type="qwen2", head_dim=32),
     )
 }

@@ -85,7 +85,7 @@ def test_failed_conversion_leaves_no_partial_cache(
 
 def test_status_lists_every_preset() -> None:
     rows = {row["name"]: row for row in zoo.status()}
-    assert list(rows) == [*zoo.PRESETS, "tiny-student", "tiny-teacher", "tiny-teacher-qwen"]
+    assert list(rows) == [*zoo.PRESETS, "tiny-student", "tiny-teacher", "tiny-teacher-qwen", "tiny-qwen"]
     assert rows["qwen2.5-coder-1.5b-instruct"]["params"] == 1_777_088_000
     assert all(row["path"] is None for row in rows.values() if not row["cached"])
 
