@@ -83,14 +83,14 @@ def remote_session(needs_smollm2_package, monkeypatch):
 
 
 def test_an_unknown_rollout_engine_names_the_valid_ones():
-    assert ENGINES == ("hf",)
-    with pytest.raises(ConfigError, match=r"rollout.engine='vllm' is not one of hf"):
-        load_config(SMOKE, ["rollout.engine=vllm"])
+    assert ENGINES == ("hf", "hf-compiled", "vllm", "vllm-server")
+    with pytest.raises(ConfigError, match=r"rollout.engine='sglang' is not one of hf, hf-compiled, vllm"):
+        load_config(SMOKE, ["rollout.engine=sglang"])
     assert load_config(SMOKE, ["rollout.engine=hf"]).rollout.engine == "hf"
     # A config built in code skips load_config's check; the factory refuses it the same way.
     model, tok = load_model("tiny-student")
     bad = dataclasses.replace(RolloutConfig(), engine="sglang")
-    with pytest.raises(ConfigError, match=r"rollout.engine='sglang' is not one of hf"):
+    with pytest.raises(ConfigError, match=r"rollout.engine='sglang' is not one of hf, hf-compiled"):
         make_sampler(bad, model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
 
 
