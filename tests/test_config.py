@@ -62,3 +62,32 @@ def test_shipped_configs_load():
 
     for path in sorted(Path("configs").rglob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["rollout.engine=vllm-server"], r"needs rollout.vllm.url.*api_server"),
+    (["rollout.vllm.url=http://127.0.0.1:8000"], r"rollout.engine=hf: set rollout.engine=vllm-server"),
+    (["rollout.engine=vllm-server", "rollout.vllm.url=ftp://x"], r"rollout.vllm.url='ftp://x' is not an http"),
+    (["rollout.engine=vllm-server", "rollout.vllm.url=http://u:p@h:1"], r"must not hold credentials"),
+    (["rollout.engine=vllm-server", "rollout.vllm.url=http://h:1", "train.finetune=full"],
+     r"syncs LoRA adapters.*weight-transfer"),
+    (["rollout.engine=vllm", "train.fsdp=true"], r"use rollout.engine=hf with train.fsdp"),
+    (["rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0"], r"kv_cache_gib"),
+    (["loss.top_k=0"], r"loss.top_k must be at least 1"),
+    (["loss.tis_cap=2"], r"corrects the sampled estimator"),
+    (["loss.kind=sampled", "loss.tis_cap=2"], r"rollout.engine=hf samples with the trainer's own forward"),
+    (["loss.kind=sampled", "rollout.engine=vllm", "loss.tis_cap=0.5"], r"loss.tis_cap must be a finite number >= 1"),
+    (["teacher.engine=vllm-server"], r"teacher.engine=vllm-server needs teacher.url"),
+    (["teacher.engine=vllm", "teacher.url=http://h:1", "loss.kind=sampled"], r"set teacher.engine=vllm-server"),
+])
+def test_engine_settings_that_cannot_work_name_the_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/smoke.yaml", overrides)
+
+
+def test_engine_settings_that_work_load():
+    cfg = load_config("configs/smoke.yaml", ["rollout.engine=vllm", "rollout.dtype=bfloat16", "loss.kind=sampled",
+                                             "loss.tis_cap=2"])
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.dtype == "bfloat16" and cfg.loss.tis_cap == 2.0
+    server = load_config("configs/smoke.yaml", ["rollout.engine=vllm-server", "rollout.vllm.url=http://h:8000"])
+    assert server.rollout.vllm.url == "http://h:8000"

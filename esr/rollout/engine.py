@@ -18,13 +18,12 @@ their log-probs of the sampled tokens (``Rollouts.logprobs_B_R``), which the ste
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import torch
 from torch import nn
 
 from esr.config import ConfigError, RolloutConfig
+from esr.rollout.context import EngineContext, sample_dtype  # noqa: F401  (re-exported)
 from esr.rollout.sampler import HFSampler
 from esr.types import Rollouts
 
@@ -54,28 +53,6 @@ class Sampler(Protocol):
     def close(self) -> None:
         """Free the engine (a vLLM engine's memory and threads, a server's adapters); idempotent."""
         ...
-
-
-@dataclass(frozen=True)
-class EngineContext:
-    """What an engine with its own copy of the student needs beyond ``rollout``'s settings."""
-
-    source: str
-    """The student's weights as a folder (or hub id) the engine loads (``esr.models.load.resolvable_base``)."""
-    finetune: str
-    """``train.finetune``: ``lora`` (sync adapters) or ``full`` (sync every weight)."""
-    lora_rank: int
-    """``lora.r``: the largest adapter rank the engine must accept."""
-    train_dtype: torch.dtype
-    """The trainer's dtype (``rollout.dtype=auto`` samples in it)."""
-    max_model_len: int
-    """Longest prompt plus ``rollout.max_new_tokens`` (``rollout.vllm.max_model_len`` overrides it)."""
-    seed: int = 0
-
-
-def sample_dtype(cfg: RolloutConfig, train_dtype: torch.dtype) -> torch.dtype:
-    """``rollout.dtype``: ``auto`` is the trainer's dtype."""
-    return {"auto": train_dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
 def make_sampler(cfg: RolloutConfig, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int,

@@ -221,7 +221,7 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
 
     # 4. Teacher scoring (unless the scoring pass ran it) and the student's loss and backward, micro-batch by
     #    micro-batch.
-    loss, kl_sum = _loss_pass(s, cfg, batch, selection, scores)
+    loss, kl_sum, health = _loss_pass(s, cfg, batch, selection, scores)
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
@@ -238,6 +238,7 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
         seconds_train=seconds_train, seconds_align=batch.seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
+        engine_logp_delta_mean=health[0], engine_logp_delta_max=health[1],
     ))
 
 
@@ -261,14 +262,15 @@ def _sample(s: Session, cfg: Config, step: int, horizon: int) -> tuple[range, li
 
 
 def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection,
-               scores: TokenScores | None) -> tuple[float, float]:
+               scores: TokenScores | None) -> tuple[float, float, tuple[float | None, float | None]]:
     """Loss and backward of every micro-batch of rows [a, a + train.micro_batch_size), against the teacher's
     targets: the scoring pass's when it ran the teacher, else the scorer's now (``train.teacher_batch_size`` rows
-    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric)."""
+    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, and the
+    on-policy health: mean and max |log p_trainer - log p_engine|, None without engine log-probs)."""
     mbs, rollouts = cfg.train.micro_batch_size, batch.rollouts
     teacher: Iterable[TeacherTargets] = (scores.teacher if scores is not None and scores.teacher is not None
                                          else s.scorer.targets(batch, mbs, cfg.train.teacher_batch_size))
-    loss, kl_sum = 0.0, 0.0
+    loss, kl_sum, delta_sum, delta_max, n_delta = 0.0, 0.0, 0.0, 0.0, 0
     for a, targets in zip(range(0, len(rollouts), mbs), teacher, strict=True):
         mb = rollouts.slice(a, a + mbs)
         n_resp = mb.response_mask_B_R.shape[1]
@@ -277,7 +279,10 @@ def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selectio
                                   selection.n_total, cfg.loss, s.vocab_size, weight_B_R=weight_B_R)
         release_freed_memory(s.device)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
-    return loss, kl_sum
+        delta_sum, delta_max, n_delta = (delta_sum + out.engine_delta_sum, max(delta_max, out.engine_delta_max),
+                                         n_delta + out.engine_tokens)
+    health = (delta_sum / n_delta, delta_max) if rollouts.logprobs_B_R is not None and n_delta else (None, None)
+    return loss, kl_sum, health
 
 
 def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, float]:

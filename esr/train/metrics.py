@@ -62,6 +62,12 @@ class StepMetrics:
     """EffOPD extrapolation after this step's update (probe calls and jumps; 0 when none ran)."""
     flops_extrapolate: float = 0.0
     """Approximate FLOPs of the extrapolation's probe forwards, 2 * student_params * tokens read."""
+    engine_logp_delta_mean: float | None = None
+    """On-policy health, for a rollout engine with its own copy of the weights (vLLM): mean over the step's response
+    tokens of |log p_trainer(y) - log p_engine(y)| (kernels, a bf16 engine, a stale adapter show here; esr/train/
+    step.py). None when the engine samples with the trainer's own module (hf)."""
+    engine_logp_delta_max: float | None = None
+    """The largest of those |delta| in the step."""
 
 
 def step_flops(

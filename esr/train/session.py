@@ -28,7 +28,8 @@ from esr.models.pair import (
     shared_vocab_size,
     vocabulary_mismatch,
 )
-from esr.rollout.engine import EngineContext, Sampler, make_sampler
+from esr.rollout.context import EngineContext
+from esr.rollout.engine import Sampler, make_sampler
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.policies import HorizonPolicy, make_policy
 from esr.teacher.cross import CrossTokenizer, template_warnings

@@ -9,6 +9,14 @@ each chunk of positions is projected to student and teacher logits (B x c x V), 
 the leaf at once and the chunk's logits are freed. Finally the accumulated leaf gradient is pushed through the
 decoder in one backward. Peak logits memory is B x c x V per model, whatever the response length, with no recompute.
 
+On-policy health: a rollout engine with its own copy of the weights (vLLM) returns its log-probs of the sampled
+tokens (``Rollouts.logprobs_B_R``); each chunk compares them with the trainer's, delta = log p_trainer(y) -
+log p_engine(y), and reports mean and max |delta| (different kernels, a bf16 engine, a stale adapter all show
+here). With ``loss.kind=sampled`` and ``loss.tis_cap`` C, each token's loss is weighted by the truncated importance
+ratio min(exp(delta), C) (detached), the correction for sampling from the engine's distribution rather than the
+trainer's (TRL's vllm_importance_sampling_cap). The exact-KL losses use the trainer's forward over the whole
+vocabulary and need no correction.
+
 Normalisation: every chunk's loss is divided by ``n_total``, the number of selected tokens in the WHOLE batch
 (all micro-batches), so the summed gradient is the token-level mean of the batch however it is split. With
 position weights w (``loss.position_gamma``) the loss is sum(w * loss) / n_total with n_total = sum of w over the
@@ -23,7 +31,7 @@ import torch
 from torch import nn
 
 from esr.config import LossConfig
-from esr.losses import token_mean_over_batch
+from esr.losses import token_logprobs, token_mean_over_batch
 from esr.models.forward import head_logits, response_hidden
 from esr.teacher.targets import TeacherTargets, chunked_token_logprobs
 from esr.train.memory import release_freed_memory
@@ -39,6 +47,12 @@ class MicroBatchResult:
     else the sampled estimate log p_s(y) - log p_t(y) (``esr.teacher.targets``)."""
     kl_B_R: torch.Tensor
     """Per-position KL metric, detached, on CPU; 0 where not selected."""
+    engine_delta_sum: float = 0.0
+    """Sum over response tokens of |log p_trainer(y) - log p_engine(y)| (0 when the engine gave no log-probs)."""
+    engine_delta_max: float = 0.0
+    """Max of that |delta| over the micro-batch's response tokens."""
+    engine_tokens: int = 0
+    """Response tokens the delta was measured on."""
 
 
 def loss_mask(select_B_R: torch.Tensor, weight_B_R: torch.Tensor | None) -> torch.Tensor:
@@ -93,10 +107,14 @@ def distill_micro_batch(
     R = tokens_B_R.shape[1]
     loss_total, kl_sum = 0.0, 0.0
     kl_B_R = torch.zeros(tokens_B_R.shape, dtype=torch.float32)
+    health = EngineHealth(rollouts, device)
     for a in range(0, R, cfg.chunk_size):
         b = min(R, a + cfg.chunk_size)
         student_logits_B_T_V = project(leaf_B_R_H[:, a:b])
         values_B_T, kl_B_T = teacher.loss_terms(cfg, student_logits_B_T_V, tokens_B_R[:, a:b], a, b)
+        ratio_B_T = health.update(student_logits_B_T_V, tokens_B_R[:, a:b], a, b)
+        if ratio_B_T is not None and cfg.kind == "sampled" and cfg.tis_cap is not None:
+            values_B_T = values_B_T * ratio_B_T.clamp(max=cfg.tis_cap)
         loss = token_mean_over_batch(values_B_T, loss_mask_B_R[:, a:b], n_total)
         if loss.requires_grad:
             loss.backward()
@@ -108,4 +126,29 @@ def distill_micro_batch(
         del student_logits_B_T_V, values_B_T, kl_B_T, loss
     if leaf_B_R_H.grad is not None:
         student_hidden_B_R_H.backward(leaf_B_R_H.grad)
-    return MicroBatchResult(loss=loss_total, kl_sum=kl_sum, kl_B_R=kl_B_R)
+    return MicroBatchResult(loss=loss_total, kl_sum=kl_sum, kl_B_R=kl_B_R, engine_delta_sum=health.delta_sum,
+                            engine_delta_max=health.delta_max, engine_tokens=health.tokens)
+
+
+class EngineHealth:
+    """The trainer-vs-engine log-prob comparison of one micro-batch, a chunk at a time (module docstring)."""
+
+    def __init__(self, rollouts: Rollouts, device: torch.device) -> None:
+        self.engine_logp_B_R = None if rollouts.logprobs_B_R is None else rollouts.logprobs_B_R.to(device)
+        self.mask_B_R = rollouts.response_mask_B_R.to(device)
+        self.delta_sum, self.delta_max, self.tokens = 0.0, 0.0, 0
+
+    @torch.no_grad()
+    def update(self, student_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor, a: int,
+               b: int) -> torch.Tensor | None:
+        """Add positions [a, b) to the tally; return the importance ratio exp(delta) (b, T), 1 off the response,
+        or None when the engine gave no log-probs."""
+        if self.engine_logp_B_R is None:
+            return None
+        trainer_logp_B_T = token_logprobs(student_logits_B_T_V.detach(), tokens_B_T)
+        mask_B_T = self.mask_B_R[:, a:b]
+        delta_B_T = torch.where(mask_B_T, trainer_logp_B_T - self.engine_logp_B_R[:, a:b], 0.0)
+        self.delta_sum += float(delta_B_T.abs().sum())
+        self.delta_max = max(self.delta_max, float(delta_B_T.abs().max())) if delta_B_T.numel() else self.delta_max
+        self.tokens += int(mask_B_T.sum())
+        return delta_B_T.exp()
