@@ -104,3 +104,48 @@ def test_empty_selection_gives_zero_loss_and_zero_grad(pair):
                               student.config.vocab_size)
     assert out.loss == 0.0 and out.kl_sum == 0.0
     assert all(float(g.abs().sum()) == 0.0 for g in grads(student).values())
+
+
+def test_engine_logprobs_give_the_health_metric_and_truncated_importance_weights(pair):
+    """An engine whose log-probs sit log 3 below the trainer's on even positions and equal it on odd ones: the
+    health metric is their mean/max gap, and loss.tis_cap=2 weights the sampled loss by min(ratio, 2), i.e. the
+    even positions' loss doubles, the odd ones' stays."""
+    import dataclasses
+
+    student, teacher, rollouts = pair
+    scorer = LocalScorer(teacher, vocab_size=student.config.vocab_size)
+    trainer_logp = reference_trainer_logprobs(student, rollouts)
+    even = (torch.arange(rollouts.response_mask_B_R.shape[1]) % 2 == 0).expand_as(trainer_logp)
+    gap = torch.where(even, torch.log(torch.tensor(3.0)), 0.0)
+    engine = dataclasses.replace(rollouts, logprobs_B_R=torch.where(rollouts.response_mask_B_R,
+                                                                    trainer_logp - gap, 0.0))
+    mask, n = rollouts.response_mask_B_R, float(rollouts.response_mask_B_R.sum())
+    cfg = LossConfig(kind="sampled", chunk_size=5)
+    plain = distill_micro_batch(student, local(scorer, rollouts), rollouts, mask, n, cfg, student.config.vocab_size)
+    assert plain.engine_tokens == 0 and plain.engine_delta_max == 0.0  # no engine log-probs: nothing measured
+    student.zero_grad()
+    out = distill_micro_batch(student, local(scorer, engine), engine, mask, n, cfg, student.config.vocab_size)
+    assert out.engine_tokens == int(mask.sum())
+    assert out.engine_delta_max == pytest.approx(float(torch.log(torch.tensor(3.0))), abs=1e-4)
+    assert out.engine_delta_sum / out.engine_tokens == pytest.approx(float(gap[mask].mean()), abs=1e-4)
+    assert out.loss == pytest.approx(plain.loss, rel=1e-5)  # no tis_cap: the loss is untouched
+    capped = distill_micro_batch(student, local(scorer, engine), engine, mask, n,
+                                 dataclasses.replace(cfg, tis_cap=2.0), student.config.vocab_size)
+    tokens = rollouts.response_ids_B_R
+    with torch.no_grad():
+        teacher_logp = token_logprobs(reference_logits(teacher, rollouts), tokens)
+    values = -(teacher_logp - trainer_logp) * trainer_logp
+    weights = torch.where(even, 2.0, 1.0)
+    assert capped.loss == pytest.approx(float((values * weights)[mask].sum() / n), rel=1e-4)
+    student.zero_grad()
+
+
+def reference_logits(model, rollouts):
+    kw = dict(attention_mask=rollouts.attention_mask_B_L, position_ids=rollouts.position_ids_B_L)
+    P = rollouts.prompt_len
+    return model(rollouts.input_ids_B_L, **kw).logits[:, P - 1 : -1].float()
+
+
+def reference_trainer_logprobs(student, rollouts):
+    with torch.no_grad():
+        return token_logprobs(reference_logits(student, rollouts), rollouts.response_ids_B_R)
