@@ -8,6 +8,9 @@ The settings come from the esr config (`--config`, default configs/quickstart.ya
 
 Arms (`--arms`):
   esr               esr's own step (build_session + run_step): ESR N=`--esr-n` when N equals it, else full rollout
+  esr-bf16, esr-vllm, esr-vllm-bf16
+                    the same with rollout.dtype=bfloat16 (HF generate on a bf16 copy), rollout.engine=vllm (an
+                    in-process vLLM engine, fp32) and both (vLLM bf16); the trainer stays fp32 in every arm
   floor             the raw floor of benchmarks/step_time.py (plain generate + teacher forward + student
                     forward/backward with full logits + AdamW; no esr code), on the same esr session
   trl-distill       trl.DistillationTrainer (beta=1), gradient checkpointing on (its default)
@@ -53,6 +56,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+if __package__:
+    from benchmarks.vs_trl_report import markdown, print_arm, summarise, write_results
+else:  # run as a script: this folder is sys.path[0]
+    from vs_trl_report import markdown, print_arm, summarise, write_results
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -67,10 +75,13 @@ class Arm:
     runner: str  # "esr", "floor" or "trl"
     trainer: str | None = None  # TRL: "distill" or "gkd"
     gradient_checkpointing: bool = False
+    overrides: tuple[str, ...] = ()  # esr: config overrides of this arm (the rollout engine and its dtype)
+    note: str = ""
 
     def label(self, tokens: int, esr_n: int) -> str:
         if self.runner == "esr":
-            return f"esr, ESR N={tokens}" if tokens == esr_n else f"esr, full rollout T={tokens}"
+            what = f"esr, ESR N={tokens}" if tokens == esr_n else f"esr, full rollout T={tokens}"
+            return f"{what}{self.note}"
         if self.runner == "floor":
             return "raw floor"
         name = "TRL DistillationTrainer" if self.trainer == "distill" else "TRL GKDTrainer"
@@ -79,6 +90,9 @@ class Arm:
 
 ARMS = {a.name: a for a in (
     Arm("esr", "esr"),
+    Arm("esr-bf16", "esr", overrides=("rollout.dtype=bfloat16",), note=", HF generate bf16"),
+    Arm("esr-vllm", "esr", overrides=("rollout.engine=vllm",), note=", vLLM fp32"),
+    Arm("esr-vllm-bf16", "esr", overrides=("rollout.engine=vllm", "rollout.dtype=bfloat16"), note=", vLLM bf16"),
     Arm("floor", "floor"),
     Arm("trl-distill", "trl", "distill", gradient_checkpointing=True),
     Arm("trl-gkd", "trl", "gkd", gradient_checkpointing=False),
@@ -132,13 +146,13 @@ def model_folders(args: argparse.Namespace, work: Path) -> tuple[list[str], tupl
         from esr.models import load_model
 
         folders = []
-        for preset in ("tiny-student", "tiny-teacher"):
+        for preset in ("tiny-qwen", "tiny-teacher-qwen"):  # head size 32: vLLM's CPU attention needs >= 32
             model, tokenizer = load_model(preset)
             folder = work / preset
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             folders.append(str(folder))
-        desc = {"student": "tiny-student (random)", "teacher": "tiny-teacher (random)"}
+        desc = {"student": "tiny-qwen (random)", "teacher": "tiny-teacher-qwen (random)"}
         return ([f"student.name={folders[0]}", f"teacher.name={folders[1]}", "data.size=64"],
                 (folders[0], folders[1]), desc)
     cfg = load_config(args.config)
@@ -193,87 +207,6 @@ def run_child(cmd: Sequence[str], spec: dict[str, Any], work: Path, tag: str, th
     return result
 
 
-def summarise(result: dict[str, Any], batch: int) -> dict[str, Any]:
-    timed = [r for r in result.get("steps", []) if not r["warmup"]]
-    if not timed:
-        return {}
-
-    def mean(key: str) -> float:
-        return sum(r[key] for r in timed) / len(timed)
-
-    return {"s_per_step": mean("total_s"), "generate_s": mean("generate_s"), "score_s": mean("score_s"),
-            "train_s": mean("train_s"), "cpu_s_per_step": mean("cpu_s"), "s_per_sample": mean("total_s") / batch,
-            "tokens_per_step": mean("tokens_generated"), "timed_steps": len(timed)}
-
-
-def _fmt(x: float | None, spec: str = ".2f", unit: str = "") -> str:
-    return "-" if x is None else f"{x:{spec}}{unit}"
-
-
-def markdown(arms: list[dict[str, Any]], esr_n: int) -> str:
-    lines = ["| arm | batch | new tokens | generate s | score s | train s | **s/step** | s/sample | CPU s/step "
-             "| peak RSS, steps | peak RSS, process |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for a in arms:
-        m = a.get("summary") or {}
-        if a["result"].get("status") != "ok":
-            error = str(a["result"].get("error", "?")).replace("|", "/")[:80]
-            lines.append(f"| {a['label']} | {a['batch']} | {a['tokens']} | failed: {error} |" + " |" * 7)
-            continue
-        r = a["result"]
-        lines.append(
-            f"| {a['label']} | {a['batch']} | {a['tokens']} | {_fmt(m.get('generate_s'))} | {_fmt(m.get('score_s'))} "
-            f"| {_fmt(m.get('train_s'))} | **{_fmt(m.get('s_per_step'))}** | {_fmt(m.get('s_per_sample'))} "
-            f"| {_fmt(m.get('cpu_s_per_step'), '.1f')} | {_fmt(r.get('peak_rss_steps_gb'), '.1f', ' GB')} "
-            f"| {_fmt(r.get('peak_rss_gb'), '.1f', ' GB')} |")
-    ratios = ratio_rows(arms, esr_n)
-    if ratios:
-        lines += ["", "| ratio (esr / other) | time per step | peak RSS, steps | peak RSS, process |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['what']} | **{_fmt(r['time'], '.2f', 'x')}** | {_fmt(r['mem_steps'], '.2f', 'x')} "
-                  f"| {_fmt(r['mem_process'], '.2f', 'x')} |" for r in ratios]
-    return "\n".join(lines) + "\n"
-
-
-def ratio_rows(arms: list[dict[str, Any]], esr_n: int) -> list[dict[str, Any]]:
-    ok = [a for a in arms if a["result"].get("status") == "ok" and a.get("summary")]
-
-    def find(name: str, tokens: int, batch: int) -> dict[str, Any] | None:
-        return next((a for a in ok if a["arm"] == name and a["tokens"] == tokens and a["batch"] == batch), None)
-
-    def ratio(x: float | None, y: float | None) -> float | None:
-        return None if x is None or not y else x / y
-
-    def row(what: str, e: dict[str, Any], o: dict[str, Any]) -> dict[str, Any]:
-        return {"what": what, "time": ratio(e["summary"]["s_per_step"], o["summary"]["s_per_step"]),
-                "mem_steps": ratio(e["result"].get("peak_rss_steps_gb"), o["result"].get("peak_rss_steps_gb")),
-                "mem_process": ratio(e["result"].get("peak_rss_gb"), o["result"].get("peak_rss_gb"))}
-
-    rows = []
-    token_counts = sorted({a["tokens"] for a in ok})
-    for e in [a for a in ok if a["arm"] == "esr"]:
-        for o in ok:
-            if o["arm"] != "esr" and o["tokens"] == e["tokens"] and o["batch"] == e["batch"]:
-                rows.append(row(f"{e['label']} / {o['label']}, same work ({e['tokens']} tokens, batch {e['batch']})",
-                                e, o))
-    longest = max(token_counts, default=None)
-    if longest is not None and longest != esr_n:  # the user-level comparison: ESR N against full-length TRL
-        for e in [a for a in ok if a["arm"] == "esr" and a["tokens"] == esr_n]:
-            for o in ok:
-                if o["runner"] in ("trl", "floor") and o["tokens"] == longest and o["batch"] == e["batch"]:
-                    rows.append(row(f"user level: {e['label']} / {o['label']} at max_new_tokens {longest} "
-                                    f"(batch {e['batch']})", e, o))
-    return rows
-
-
-def write_results(out: Path, meta: dict[str, Any], arms: list[dict[str, Any]]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "arms": arms, "ratios": ratio_rows(arms, meta["esr_n"])}
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, out)
-    out.with_suffix(".md").write_text(markdown(arms, meta["esr_n"]))
-
-
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", choices=["real", "tiny"], default="real",
@@ -318,7 +251,7 @@ def main() -> None:
         print(f"{len(plan)} arms, each 1 warm-up + {args.steps} timed steps: "
               + ", ".join(f"{a.name}@{T}x{b}" for T, a, b in plan), flush=True)
         for i, (T, arm, b) in enumerate(plan):
-            overrides = [*model_overrides, *esr_overrides(args, T, b)]
+            overrides = [*model_overrides, *esr_overrides(args, T, b), *arm.overrides]
             cfg = load_config(config, overrides)
             label = arm.label(T, args.esr_n)
             print(f"\n=== [{i + 1}/{len(plan)}] {label}: {T} new tokens, batch {b} ===", flush=True)
@@ -368,7 +301,7 @@ def arm_command(args: argparse.Namespace, arm: Arm, cfg: Any, config: str, overr
     common = {"tokens": T, "warmup_tokens": W, "batch": b, "warmup_steps": 1, "steps": args.steps,
               "threads": args.threads, "prompts": prompts}
     if arm.runner in ("esr", "floor"):
-        warm_overrides = [*model_overrides, *esr_overrides(args, T, b, horizon=W)]
+        warm_overrides = [*model_overrides, *esr_overrides(args, T, b, horizon=W), *arm.overrides]
         spec = {**common, "kind": arm.runner, "config": config, "overrides": esr_arm_overrides,
                 "warmup_overrides": warm_overrides}
         return [sys.executable, str(HERE / "esr_arm.py")], spec
@@ -378,18 +311,6 @@ def arm_command(args: argparse.Namespace, arm: Arm, cfg: Any, config: str, overr
             "weight_decay": cfg.train.weight_decay, "max_grad_norm": cfg.train.max_grad_norm,
             "seed": cfg.seed, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
     return [args.trl_python, str(HERE / "trl_arm.py")], spec
-
-
-def print_arm(entry: dict[str, Any]) -> None:
-    """One line when an arm's process is done: its seconds per step by phase and its peak memory, or its failure."""
-    label, m, result = entry["label"], entry["summary"], entry["result"]
-    if result.get("status") == "ok":
-        print(f"=== {label}: {m['s_per_step']:.2f} s/step (generate {m['generate_s']:.2f}, score "
-              f"{m['score_s']:.2f}, train {m['train_s']:.2f}); peak RSS {_fmt(result.get('peak_rss_steps_gb'))}"
-              f" GB in the steps, {result['peak_rss_gb']:.2f} GB in all; process wall {result['wall_s']:.0f} s",
-              flush=True)
-    else:
-        print(f"=== {label}: FAILED ({result.get('error')}); going on with the other arms", flush=True)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class VllmConfig:
     """Seconds a request may wait for the server before the step fails."""
     retries: int = 4
     """Retries after a connection error, a 5xx or a 429, with exponential backoff."""
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: float = 1.0
     """`rollout.engine=vllm`: GiB reserved for the KV cache (vLLM's own default takes 92% of a CPU machine's RAM)."""
     max_model_len: int | None = None
     """`rollout.engine=vllm`: the engine's context length; None: the longest prompt plus rollout.max_new_tokens."""
