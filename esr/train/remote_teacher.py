@@ -4,8 +4,8 @@
     esr train configs/quickstart.yaml teacher.url=http://HOST:8000 loss.kind=sampled
 
 What a remote teacher returns is log p_t(y_t) of each sampled token (``RemoteTeacher.score_rollouts``), (B, R), not
-the distribution, so only ``loss.kind=sampled`` runs (the config refuses the rest: ``_check_remote_teacher`` in
-esr/config/schema.py). ``RemoteScorer`` is the run's ``TeacherScorer`` (``esr.teacher.scorer``): its targets are
+the distribution, so only ``loss.kind=sampled`` runs (the config refuses the rest: ``check_remote_teacher`` in
+esr/config/checks.py). ``RemoteScorer`` is the run's ``TeacherScorer`` (``esr.teacher.scorer``): its targets are
 ``TokenLogprobTargets`` (``esr.teacher.targets``), trained by the same micro-batch loss path as a local teacher's,
 with the same value and gradient as a local teacher's ``loss.kind=sampled``.
 

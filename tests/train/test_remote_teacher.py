@@ -20,7 +20,8 @@ pytest.importorskip("requests")
 
 from esr.cli import main  # noqa: E402
 from esr.config import ConfigError, LossConfig, load_config  # noqa: E402
-from esr.config.schema import TEACHER_SCORE_SELECTORS, Select  # noqa: E402
+from esr.config.checks import TEACHER_SCORE_SELECTORS  # noqa: E402
+from esr.config.schema import Select  # noqa: E402
 from esr.losses import needed_scores, position_weights, token_logprobs  # noqa: E402
 from esr.models import load_model  # noqa: E402
 from esr.models.forward import head_logits, response_hidden  # noqa: E402
