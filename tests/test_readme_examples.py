@@ -50,6 +50,11 @@ EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
         "Gemma-3-270M (a 262k vocabulary) as the student takes minutes a step on 2 CPU cores even at 12 tokens (600 s "
         "timed out under load); the quickstart-xfamily line runs the same cross-tokenizer path, and Gemma's tokenizer "
         "is aligned against Qwen's and SmolLM2's in tests/teacher"),
+    # rollouts on vLLM (tiny-qwen: vLLM's CPU attention needs head size >= 32)
+    'pip install -e ".[vllm]" && pip uninstall -y torchvision torchaudio torchcodec':
+        Skip("an install line: README command 2 installs [vllm] and removes the same three packages"),
+    "esr train configs/quickstart.yaml rollout.engine=vllm rollout.dtype=bfloat16":
+        [("bfloat16", f"bfloat16 student.name=tiny-qwen teacher.name=tiny-teacher-qwen {SMOKE_TRAIN} --out runs/vllm")],
     # evaluation
     "esr eval qwen2.5-coder-0.5b-instruct --task gsm_symbolic --limit 100":
         [("qwen2.5-coder-0.5b-instruct", "tiny-teacher-qwen"), ("--limit 100", FEW)],
@@ -180,6 +185,7 @@ def teacher_server(workdir: Path):
 ORDER = [  # the README's lines, in an order where each run folder exists before a line reads it
     "esr train configs/quickstart.yaml optim.extrapolate.enabled=true",
     "esr train configs/quickstart-xfamily.yaml",
+    "esr train configs/quickstart.yaml rollout.engine=vllm rollout.dtype=bfloat16",
     "esr eval qwen2.5-coder-0.5b-instruct --task gsm_symbolic --limit 100",
     "esr eval runs/quickstart-... --task math500 --path data/math500/test.jsonl --n 4 --temperature 0.7",
     "esr eval smollm2-135m-instruct --task humaneval",
@@ -201,6 +207,8 @@ def test_order_covers_every_runnable_local_example():
 
 @pytest.mark.parametrize("command", ORDER)
 def test_readme_example_runs(command: str, workdir: Path):
+    if "engine=vllm" in command:
+        pytest.importorskip("vllm", reason="the [vllm] extra: pip install -e '.[vllm]'")
     line = offline(command, port=0)
     check(line, run(line, workdir))
     if command.startswith("esr train"):
