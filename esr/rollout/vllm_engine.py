@@ -89,9 +89,9 @@ class VLLMSampler:
     @torch.no_grad()
     def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int,
                row_ids: Sequence[int] | None = None, pad_to: int = 0) -> Rollouts:
-        """One response per prompt (``esr.rollout.engine.Sampler.sample``), with the engine's log-probs."""
-        if self.lora and self.lora_request is None:
-            raise RuntimeError("VLLMSampler.sample before sync_weights: the engine has no adapter yet")
+        """One response per prompt (``esr.rollout.engine.Sampler.sample``), with the engine's log-probs. Before the
+        first ``sync_weights`` the engine samples the weights it loaded, the student's initial ones (a fresh LoRA
+        adapter is the identity): what EffOPD's probe, built before the first step, samples."""
         requests = row_requests(prompt_ids, max_new_tokens, seed=seed, row_ids=row_ids,
                                 eos_token_ids=self.eos_token_ids, temperature=self.cfg.temperature,
                                 top_p=self.cfg.top_p, min_new_tokens=self.cfg.min_new_tokens)

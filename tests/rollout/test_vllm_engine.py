@@ -136,7 +136,10 @@ def test_training_through_vllm_logs_health_lowers_kl_and_resumes_the_same(tmp_pa
         s.sampler.close()
     assert first.engine_logp_delta_mean is not None and first.engine_logp_delta_mean < 1e-3
     assert second.kl < first.kl  # one step pulled the student toward the teacher on these prompts
-    # A run killed after step 1 and resumed samples step 2 exactly as an uninterrupted run does.
+    # A run killed after step 1 and resumed samples step 2 exactly as an uninterrupted run does; with EffOPD on, so
+    # the probe's rollouts (sampled before the first sync) and the jumps' weights go through the engine too.
+    cfg = load_config(SMOKE, [*PAIR, "train.steps=2", "train.lr=5e-3", "train.checkpoint_every=1",
+                              "optim.extrapolate.enabled=true", "optim.extrapolate.probe_size=2"])
     whole = train(cfg, tmp_path / "whole", progress=False).metrics
     train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1)), tmp_path / "cut", progress=False)
     (tmp_path / "cut" / "config.yaml").write_text((tmp_path / "whole" / "config.yaml").read_text())
