@@ -62,7 +62,7 @@ def test_cross_tokenizer_session_scores_across_tokenizers(mode, kinds, targets_t
 def test_a_remote_teacher_session_scores_with_the_server(remote_session):
     s = remote_session
     assert type(s.scorer) is RemoteScorer and isinstance(s.scorer, TeacherScorer) and s.teacher is None
-    assert s.scorer.capabilities.loss_kinds == {"sampled"}
+    assert s.scorer.capabilities.loss_kinds == {"sampled", "topk"}
     assert isinstance(s.sampler, Sampler)
 
 
