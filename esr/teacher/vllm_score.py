@@ -69,7 +69,7 @@ class VLLMScorer:
                                                kv_cache_gib=kv_cache_gib))
         self.seconds_start = time.perf_counter() - t0
         # One discarded generated token (some vLLM versions refuse max_tokens=0), the prompt's top-k log-probs.
-        self.params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, temperature=0.0)
+        self.sampling = vllm.SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, temperature=0.0)
         self._rollouts: Rollouts | None = None
         self._scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         log.info("teacher.engine=vllm: %s started in %.1f s (top_k %d)", source, self.seconds_start, top_k)
@@ -108,7 +108,7 @@ class VLLMScorer:
             t0 = time.perf_counter()
             rows = row_sequences(rollouts)
             prompts = [{"prompt_token_ids": seq} for seq, _ in rows]
-            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, self.sampling, use_tqdm=False)
             self._scores = self._layout(rollouts, rows, [o.prompt_logprobs for o in outputs])
             self._rollouts = rollouts
             self.seconds += time.perf_counter() - t0

@@ -155,9 +155,11 @@ def _load_models(cfg: Config, device: torch.device, dtype: torch.dtype,
 def _vocabularies(cfg: Config, student: nn.Module, tokenizer: Any, teacher: nn.Module | None, teacher_tok: Any,
                   remote: RemoteScorer | None) -> Vocabularies:
     """One id space (checked, with the logit columns both define) or two (``loss.cross_tokenizer``)."""
-    cross_mode = cfg.loss.cross_tokenizer if vocabulary_mismatch(tokenizer, teacher_tok) else None
+    mismatch = vocabulary_mismatch(tokenizer, teacher_tok)
+    if mismatch is not None:
+        _refuse_cross_tokenizer(cfg, mismatch)
+    cross_mode = cfg.loss.cross_tokenizer if mismatch else None
     if cross_mode is not None:
-        _refuse_cross_tokenizer(cfg, vocabulary_mismatch(tokenizer, teacher_tok) or "")
         assert teacher is not None  # a remote teacher shares the student's tokenizer by construction
         return Vocabularies(cross_mode, student.get_output_embeddings().weight.shape[0],
                             teacher.get_output_embeddings().weight.shape[0])
