@@ -30,7 +30,8 @@ names "kl" or "ht" for exactly these): a remote teacher, which returns log p_t o
 
 
 def check_remote_teacher(cfg: Any) -> None:
-    """With ``teacher.url`` only what needs log p_t of the sampled tokens can run (esr/train/remote_teacher.py)."""
+    """With ``teacher.url`` only what needs log p_t of the sampled tokens, or their top-k, can run
+    (esr/train/remote_teacher.py)."""
     tc, loss = cfg.teacher, cfg.loss
     url = tc.url or ""
     scheme, _, rest = url.partition("://")
@@ -47,11 +48,12 @@ def check_remote_teacher(cfg: Any) -> None:
     if not 0.0 < tc.timeout_s < float("inf") or tc.retries < 0 or tc.max_batch_sequences < 1:
         raise ConfigError("teacher.timeout_s must be a finite number > 0, teacher.retries >= 0 and teacher."
                           f"max_batch_sequences >= 1; got {tc.timeout_s}, {tc.retries}, {tc.max_batch_sequences}")
-    why = "a remote teacher (teacher.url) returns only log p_t of the sampled tokens"
+    why = "a remote teacher (teacher.url) returns only log p_t of the sampled tokens and the top-k"
     local = "or drop teacher.url to load the teacher locally"
-    if loss.kind != "sampled":
+    if loss.kind not in ("sampled", "topk"):
         raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
-                          f"loss.kind=sampled (the policy-gradient estimator of reverse KL), {local}")
+                          f"loss.kind=sampled (the policy-gradient estimator of reverse KL) or loss.kind=topk (reverse "
+                          f"KL over the teacher's top loss.top_k tokens plus a tail), {local}")
     if loss.select in TEACHER_SCORE_SELECTORS:
         raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
                           f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {local}")
@@ -73,6 +75,10 @@ def check_loss(loss: Any, select_type: Any) -> None:
     if x == "aligned-exact" and kind == "sampled":
         raise ConfigError("loss.cross_tokenizer=aligned-exact trains full distributions; with loss.kind=sampled use "
                           "loss.cross_tokenizer=span-sampled (or pick loss.kind=reverse_kl|forward_kl|jsd)")
+    if x is not None and kind == "topk":
+        raise ConfigError(f"loss.kind=topk compares the teacher's top-k token ids with the student's, which needs one "
+                          f"tokenizer; across tokenizers (loss.cross_tokenizer={x}) use loss.kind=reverse_kl with "
+                          f"loss.cross_tokenizer=aligned-exact or loss.kind=sampled with span-sampled")
     if x == "span-sampled" and kind not in ("reverse_kl", "sampled"):
         raise ConfigError(f"loss.cross_tokenizer=span-sampled is a sampled estimate of reverse KL; loss.kind={kind} "
                           "needs full distributions: use loss.cross_tokenizer=aligned-exact")
@@ -101,7 +107,7 @@ def check_engines(cfg: Any) -> None:
     - a vLLM rollout engine with ``train.fsdp``: the engine runs beside one training process (colocated) or on its
       own machines (server); sharded training processes would each need the whole weights gathered first.
     """
-    r, loss, tc = cfg.rollout, cfg.loss, cfg.teacher
+    r, loss = cfg.rollout, cfg.loss
     v = r.vllm
     if r.engine == "vllm-server":
         if v.url is None:
@@ -136,13 +142,41 @@ def check_engines(cfg: Any) -> None:
         if r.engine not in VLLM_ENGINES:
             raise ConfigError(f"loss.tis_cap corrects a vLLM engine's numeric mismatch; rollout.engine={r.engine} "
                               "samples with the trainer's own forward: drop loss.tis_cap or set rollout.engine=vllm")
+    check_teacher_engine(cfg)
+
+
+def check_teacher_engine(cfg: Any) -> None:
+    """``teacher.engine`` against the rest: a vLLM teacher gives top-k and sampled-token log-probs only."""
+    tc, loss = cfg.teacher, cfg.loss
     engine = getattr(tc, "engine", "hf")  # a plain ModelConfig (built in code) is a local hf teacher
     if engine == "vllm-server" and tc.url is None:
         raise ConfigError("teacher.engine=vllm-server needs teacher.url, the server's address, e.g. "
                           "teacher.url=http://127.0.0.1:8001")
-    if engine == "vllm" and tc.url is not None:
+    if engine == "vllm-server" and tc.dialect != "openai":
+        raise ConfigError("teacher.engine=vllm-server talks to a vLLM server: set teacher.dialect=openai (or "
+                          "teacher.engine=hf for a server started with esr serve-teacher)")
+    if engine != "vllm":
+        return
+    if tc.url is not None:
         raise ConfigError("teacher.engine=vllm runs the teacher in this process, but teacher.url names a server: "
                           "set teacher.engine=vllm-server to score on that server, or drop teacher.url")
+    why = "teacher.engine=vllm gives the teacher's top-k and sampled-token log-probs, not its full distribution"
+    hf = "or set teacher.engine=hf"
+    if loss.kind not in ("sampled", "topk"):
+        raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
+                          f"loss.kind=topk or loss.kind=sampled, {hf}")
+    if loss.select in TEACHER_SCORE_SELECTORS:
+        raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
+                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {hf}")
+    if loss.cross_tokenizer is not None:
+        raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer}: teacher.engine=vllm scores the student's own "
+                          f"token ids: unset loss.cross_tokenizer, {hf}")
+    if cfg.optim.extrapolate.enabled and cfg.optim.extrapolate.probe == "reverse_kl":
+        raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
+                          f"{why}: set optim.extrapolate.probe=eval, {hf}")
+    if cfg.train.fsdp:
+        raise ConfigError(f"teacher.engine=vllm scores beside one training process; train.fsdp shards over several: "
+                          f"{hf} with train.fsdp")
 
 
 def check_url(key: str, url: str) -> None:

@@ -45,8 +45,9 @@ class TeacherConfig(ModelConfig):
 
     url: str | None = None
     """http(s) URL of a teacher server (`esr serve-teacher MODEL`, or `vllm serve` with dialect openai), e.g.
-    `http://10.0.0.5:8000`. Set: the teacher is not loaded locally and only `loss.kind=sampled` works (the server
-    returns log p_t of the sampled tokens, not the distribution). No credentials in it: see `token_env`."""
+    `http://10.0.0.5:8000`. Set: the teacher is not loaded locally and only `loss.kind=sampled|topk` work (the server
+    returns log p_t of the sampled tokens and the top-k, not the distribution). No credentials in it: see
+    `token_env`."""
     dialect: Literal["esr", "openai"] = "esr"
     """`esr` (esr's /v1/score) or `openai` (vLLM's /v1/completions with prompt_logprobs)."""
     model: str | None = None
@@ -61,9 +62,12 @@ class TeacherConfig(ModelConfig):
     max_batch_sequences: int = 16
     """Sequences per HTTP request (a step's batch is sent in several requests when larger)."""
     engine: TeacherEngine = "hf"
-    """What scores the rollouts: `hf` (the teacher loaded here, full distribution: every loss.kind), `vllm` (an
-    in-process vLLM engine, `prompt_logprobs` top-`loss.top_k`: loss.kind=sampled|topk) or `vllm-server` (a vLLM
-    server at `teacher.url`, the openai dialect: loss.kind=sampled|topk)."""
+    """What scores the rollouts: `hf` (the teacher loaded here, full distribution: every loss.kind; with
+    `teacher.url`, a server as `dialect` says), `vllm` (an in-process vLLM engine, esr/teacher/vllm_score.py: the
+    teacher is never loaded with HF; its `prompt_logprobs`, top-`loss.top_k`, feed loss.kind=topk|sampled; same
+    tokenizer as the student only; KV cache `rollout.vllm.kv_cache_gib`, context `rollout.vllm.max_model_len`) or
+    `vllm-server` (a vLLM server at `teacher.url`, needs `teacher.dialect=openai`: loss.kind=sampled|topk; its
+    `--max-logprobs`, default 20, bounds `loss.top_k`)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,11 @@ class VllmConfig:
     retries: int = 4
     """Retries after a connection error, a 5xx or a 429, with exponential backoff."""
     kv_cache_gib: float = 1.0
-    """`rollout.engine=vllm`: GiB reserved for the KV cache (vLLM's own default takes 92% of a CPU machine's RAM)."""
+    """`rollout.engine=vllm` and `teacher.engine=vllm`: GiB reserved for the KV cache (vLLM's own default takes 92%
+    of a CPU machine's RAM)."""
     max_model_len: int | None = None
-    """`rollout.engine=vllm`: the engine's context length; None: the longest prompt plus rollout.max_new_tokens."""
+    """`rollout.engine=vllm` and `teacher.engine=vllm`: the engines' context length; None: the longest prompt plus
+    rollout.max_new_tokens."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,8 @@ class LossConfig:
     kind: LossKind = "reverse_kl"
     """`reverse_kl` KL(p_s||p_t) exact over the vocabulary (default), `forward_kl`, `jsd`, `sampled` (policy
     gradient with advantage log p_t(y) - log p_s(y), for when only sampled-token log-probs exist) or `topk` (reverse
-    KL over the teacher's top `loss.top_k` tokens plus one tail bucket: what a vLLM teacher's top-k log-probs give)."""
+    KL over the teacher's top `loss.top_k` tokens plus one tail bucket, esr/losses/topk.py: what a vLLM teacher's
+    top-k log-probs give; every teacher engine runs it, same tokenizer only; it lower-bounds the exact KL)."""
     beta: float = 0.5
     """JSD interpolation: beta=0 is forward KL, beta=1 is reverse KL."""
     chunk_size: int = 64

@@ -2,6 +2,7 @@
 
 - ``divergences``: exact full-vocabulary ``reverse_kl`` (default), ``forward_kl``, ``jsd`` per position.
 - ``sampled``: sampled-token estimator (``token_logprobs``, ``sampled_advantage``, ``sampled_pg_loss``).
+- ``topk``: ``topk_reverse_kl``, reverse KL over the teacher's top-k tokens plus one tail bucket (``loss.kind=topk``).
 - ``reduce``: ``masked_mean`` / ``masked_sum`` and ``token_mean_over_batch`` for exact gradient accumulation.
 - ``select``: which tokens get loss (``select_tokens``, ``loss.select``), ``position_weights`` and ``entropy``.
 
@@ -19,6 +20,7 @@ from esr.losses.divergences import forward_kl, jsd, reverse_kl
 from esr.losses.reduce import masked_mean, masked_sum, token_mean_over_batch
 from esr.losses.sampled import sampled_advantage, sampled_pg_loss, token_logprobs
 from esr.losses.select import SCORE_SELECTORS, SELECTORS, entropy, needed_scores, position_weights, select_tokens
+from esr.losses.topk import mask_top_columns, topk_reverse_kl
 
 DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "reverse_kl": reverse_kl,
@@ -33,6 +35,7 @@ __all__ = [
     "entropy",
     "forward_kl",
     "jsd",
+    "mask_top_columns",
     "masked_mean",
     "masked_sum",
     "needed_scores",
@@ -43,4 +46,5 @@ __all__ = [
     "select_tokens",
     "token_logprobs",
     "token_mean_over_batch",
+    "topk_reverse_kl",
 ]

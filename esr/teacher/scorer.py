@@ -5,7 +5,10 @@ A run picks its scorer once, when the session is built (``esr.train.session``):
     LocalScorer     the teacher loaded here, same tokenizer: exact, full vocabulary, chunked   (esr.teacher.score)
     CrossScorer     the teacher loaded here, another tokenizer: re-render, align, then aligned-exact or span-sampled
                                                                                                (esr.teacher.cross_score)
-    RemoteScorer    a teacher server (``teacher.url``): log p_t of the sampled tokens         (esr.train.remote_teacher)
+    RemoteScorer    a teacher server (``teacher.url``): log p_t of the sampled tokens, and the top-k for
+                    ``loss.kind=topk``                                                       (esr.train.remote_teacher)
+    VLLMScorer      the teacher in an in-process vLLM engine (``teacher.engine=vllm``): ``prompt_logprobs``,
+                    log p_t of the sampled tokens and the top-k                              (esr.teacher.vllm_score)
 
 Each step the loop asks it twice, without knowing which one it is:
 
@@ -14,8 +17,8 @@ Each step the loop asks it twice, without knowing which one it is:
 
 and the one micro-batch loss path (``esr.train.step.distill_micro_batch``) trains each micro-batch against its
 targets (``esr.teacher.targets``). ``capabilities`` says what the loss may ask of it; ``check_supported`` turns a
-config that asks more into a ``ConfigError`` before any step runs. A vLLM teacher (issue 21: ``prompt_logprobs``
-with top-k) is one more class with these two methods, returning targets of its own.
+config that asks more into a ``ConfigError`` before any step runs. A new engine is one more class with these two
+methods, returning targets of its own.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from esr.types import Rollouts
 
 EXACT_KINDS = frozenset({"reverse_kl", "forward_kl", "jsd"})
 """Loss kinds that need the teacher's whole distribution at every trained position."""
-ALL_KINDS = EXACT_KINDS | {"sampled"}
+ALL_KINDS = EXACT_KINDS | {"sampled", "topk"}
+TOPK_KINDS = frozenset({"sampled", "topk"})
+"""What a teacher that gives top-k and sampled-token log-probs (``TopKTargets``) can train."""
 ALL_SCORES = frozenset({"kl", "hs", "ht"})
 
 

@@ -7,14 +7,16 @@ and KL of that chunk. The loss path never asks which teacher it talks to; what d
 
 - ``ExactTargets``: teacher hidden states at the student's response positions, projected by the teacher's head
   chunk by chunk (local teacher, same tokenizer; across tokenizers ``aligned-exact``, restricted to the shared
-  vocabulary). Every ``loss.kind`` runs: the exact divergences, and ``sampled`` from the teacher's logits.
-- ``TokenLogprobTargets``: log p_t(y) of each sampled student token, (B, R) (a teacher server; a future engine's
-  ``prompt_logprobs``). Only ``loss.kind=sampled`` runs.
+  vocabulary). Every ``loss.kind`` runs: the exact divergences, ``sampled`` and ``topk`` from the teacher's logits.
+- ``TokenLogprobTargets``: log p_t(y) of each sampled student token, (B, R) (a teacher server asked for no top-k).
+  Only ``loss.kind=sampled`` runs.
+- ``TopKTargets``: log p_t(y) of each sampled token and the teacher's top-k ids and log-probs, (B, R, K) (an
+  in-process vLLM teacher's ``prompt_logprobs``, a teacher server asked for top-k). ``loss.kind=topk|sampled``.
 - ``SpanTargets``: across tokenizers ``span-sampled``: the teacher's log-probs of its own tokens and the groups
   pairing them with the student's; the advantage is the span's (a span may straddle chunks, so it is computed once
   per micro-batch in ``begin``).
 
-A new engine (vLLM top-k log-probs, issue 21) adds a targets class here, not a branch in the loop.
+A new engine adds a targets class here, not a branch in the loop.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from typing import Protocol
 import torch
 
 from esr.config import LossConfig
-from esr.losses import DIVERGENCES, jsd, reverse_kl, sampled_advantage, sampled_pg_loss, token_logprobs
+from esr.losses import (
+    DIVERGENCES,
+    jsd,
+    reverse_kl,
+    sampled_advantage,
+    sampled_pg_loss,
+    token_logprobs,
+    topk_reverse_kl,
+)
 from esr.teacher.vocab_map import VocabMap
 
 Project = Callable[[torch.Tensor], torch.Tensor]
@@ -62,8 +72,13 @@ def per_token_loss(
     """The training loss at each position, (B, T), for ``loss.kind`` from both models' logits.
 
     ``sampled``: -A * log p_s(y) with A = log p_t(y) - log p_s(y) detached (``esr.losses.sampled``); ``jsd`` with
-    ``cfg.beta``; else the exact divergence ``DIVERGENCES[cfg.kind]`` over the vocabulary.
+    ``cfg.beta``; ``topk``: reverse KL over the teacher's top ``cfg.top_k`` tokens plus the tail (``esr.losses.topk``,
+    the teacher's log-probs normalised over its V columns); else the exact divergence ``DIVERGENCES[cfg.kind]``.
     """
+    if cfg.kind == "topk":
+        k = min(cfg.top_k, teacher_logits_B_T_V.shape[-1])
+        top = torch.log_softmax(teacher_logits_B_T_V.float(), dim=-1).topk(k, dim=-1)
+        return topk_reverse_kl(student_logits_B_T_V, top.indices, top.values)
     if cfg.kind == "sampled":
         student_logp_B_T = token_logprobs(student_logits_B_T_V, tokens_B_T)
         teacher_logp_B_T = token_logprobs(teacher_logits_B_T_V, tokens_B_T)
@@ -105,7 +120,8 @@ class ExactTargets:
 
     def loss_terms(self, cfg: LossConfig, student_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor,
                    a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``per_token_loss`` and the exact KL(p_s || p_t) per position (the loss itself when it is reverse KL)."""
+        """``per_token_loss`` and the exact KL(p_s || p_t) per position (the loss itself when it is reverse KL; with
+        ``loss.kind=topk`` still the full-vocabulary KL, which the top-k loss lower-bounds)."""
         teacher_logits_B_T_V = self.teacher_logits(a, b)
         if self.vocab_map is not None:
             student_logits_B_T_V, teacher_logits_B_T_V = self.vocab_map.restrict(student_logits_B_T_V,
@@ -146,6 +162,46 @@ class TokenLogprobTargets:
         teacher_logp_B_T = self.teacher_logp_B_R[:, a:b].to(student_logp_B_T.device, student_logp_B_T.dtype)
         loss_B_T = sampled_pg_loss(student_logp_B_T, sampled_advantage(teacher_logp_B_T, student_logp_B_T))
         return loss_B_T, student_logp_B_T.detach() - teacher_logp_B_T
+
+
+@dataclass
+class TopKTargets:
+    """What a top-k teacher engine gives (an in-process vLLM teacher's ``prompt_logprobs``, a server asked for
+    top-k): log p_t(y) of each sampled student token and the teacher's k most likely tokens with their log-probs,
+    all normalised over the teacher's whole vocabulary. Two loss kinds run:
+
+    - ``topk``: reverse KL over the top-k buckets plus the tail (``esr.losses.topk``); the KL metric is that same
+      top-k + tail KL (exact for the (k+1)-bucket distributions, a lower bound of the full-vocabulary KL).
+    - ``sampled``: the sampled estimator, as ``TokenLogprobTargets`` (log p_t(y) is exact: vLLM's prompt log-probs
+      always include the scored token, whatever its rank).
+    """
+
+    teacher_logp_B_R: torch.Tensor
+    """float (b, R): log p_t of response token r of each row (0 past its end)."""
+    top_ids_B_R_K: torch.Tensor
+    """int64 (b, R, K): the teacher's top-k ids in the student's columns (``esr.losses.mask_top_columns``: ids the
+    student lacks are id 0 with log-prob -inf, no bucket)."""
+    top_logp_B_R_K: torch.Tensor
+    """float (b, R, K): their log-probs (-inf: not a bucket)."""
+    trainable_B_R: torch.Tensor | None = None
+
+    def begin(self, student_logprobs: Callable[[], torch.Tensor]) -> None:
+        """Nothing to prepare: both losses are per token."""
+
+    def teacher_logits(self, a: int, b: int) -> torch.Tensor:
+        raise ValueError("this teacher gives top-k log-probs only, not logits")
+
+    def loss_terms(self, cfg: LossConfig, student_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor,
+                   a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if cfg.kind == "sampled":
+            return TokenLogprobTargets(self.teacher_logp_B_R).loss_terms(cfg, student_logits_B_T_V, tokens_B_T, a, b)
+        if cfg.kind != "topk":
+            raise ValueError(f"a top-k teacher gives top-k and sampled-token log-probs only: loss.kind must be topk "
+                             f"or sampled, not {cfg.kind}")
+        device = student_logits_B_T_V.device
+        loss_B_T = topk_reverse_kl(student_logits_B_T_V, self.top_ids_B_R_K[:, a:b].to(device),
+                                   self.top_logp_B_R_K[:, a:b].to(device))
+        return loss_B_T, loss_B_T.detach()
 
 
 def group_sum(values_B_T: torch.Tensor, group_B_T: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -3,11 +3,15 @@
     esr serve-teacher qwen2.5-coder-1.5b-instruct --host 0.0.0.0      # the teacher's machine (esr/serve/server.py)
     esr train configs/quickstart.yaml teacher.url=http://HOST:8000 loss.kind=sampled
 
-What a remote teacher returns is log p_t(y_t) of each sampled token (``RemoteTeacher.score_rollouts``), (B, R), not
-the distribution, so only ``loss.kind=sampled`` runs (the config refuses the rest: ``check_remote_teacher`` in
-esr/config/checks.py). ``RemoteScorer`` is the run's ``TeacherScorer`` (``esr.teacher.scorer``): its targets are
-``TokenLogprobTargets`` (``esr.teacher.targets``), trained by the same micro-batch loss path as a local teacher's,
-with the same value and gradient as a local teacher's ``loss.kind=sampled``.
+What a remote teacher returns is log p_t(y_t) of each sampled token (``RemoteTeacher.score_rollouts``), (B, R), and
+when asked its top-k ids and log-probs, (B, R, K), not the distribution, so ``loss.kind=sampled`` and
+``loss.kind=topk`` run (the config refuses the rest: ``check_remote_teacher`` in esr/config/checks.py).
+``RemoteScorer`` is the run's ``TeacherScorer`` (``esr.teacher.scorer``): its targets are ``TokenLogprobTargets``
+(sampled) or ``TopKTargets`` (topk, k = ``loss.top_k``; ``esr.teacher.targets``), trained by the same micro-batch
+loss path as a local teacher's. With esr's server (normalised over the shared columns) both give a local teacher's
+values to float precision; with vLLM (openai dialect, ``teacher.engine=vllm-server``) see normalisation below (top
+ids past the student's columns are no buckets: ``esr.losses.mask_top_columns``). A vLLM server answers at most
+``--max-logprobs`` (default 20) top-k; esr's at most its ``max_top_k`` (checked at startup).
 
 Startup (``connect_remote_teacher``, before any model loads, so a wrong URL costs seconds, not a model load):
 ``/health`` once without retries, with a message naming the URL and the ``esr serve-teacher`` command when nothing
@@ -40,19 +44,23 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from torch import nn
 
 from esr.config import Config, ConfigError, TeacherConfig
+from esr.losses import mask_top_columns
 from esr.serve import DEFAULT_TOKEN_ENV
 from esr.serve.errors import RemoteTeacherError
 from esr.serve.vocab import vocab_digest
-from esr.teacher.scorer import Capabilities, TeacherBatch
-from esr.teacher.targets import TokenLogprobTargets
+from esr.teacher.scorer import TOPK_KINDS, Capabilities, TeacherBatch
+from esr.teacher.targets import TokenLogprobTargets, TopKTargets
 from esr.types import Rollouts
+
+if TYPE_CHECKING:
+    from esr.serve.client import RolloutScores
 
 log = logging.getLogger("esr.train")
 
@@ -97,7 +105,7 @@ class RemoteScorer:
     it each step and reports it as ``seconds_score``).
     """
 
-    capabilities = Capabilities(loss_kinds=frozenset({"sampled"}), scores=frozenset({"hs"}),
+    capabilities = Capabilities(loss_kinds=TOPK_KINDS, scores=frozenset({"hs"}),
                                 where="with a remote teacher (teacher.url)")
 
     def __init__(self, tc: TeacherConfig, health: dict[str, Any]) -> None:
@@ -117,7 +125,9 @@ class RemoteScorer:
         """V when it is below the server's width (then sent with every request), else None."""
         self.tokenizer_checked = False
         self._rollouts: Rollouts | None = None
-        self._logprobs_B_R: torch.Tensor | None = None
+        self._scores: RolloutScores | None = None
+        self.top_k = 0
+        """K asked per position: ``loss.top_k`` with ``loss.kind=topk`` (set by ``check_student``), else 0."""
 
     # --- startup ------------------------------------------------------------------------------------------------
 
@@ -125,6 +135,11 @@ class RemoteScorer:
         """Check the server against the student (module docstring); returns V, the columns the loss uses."""
         tc, h = self.config, self.health
         rows = int(student.get_output_embeddings().weight.shape[0])
+        self.top_k = cfg.loss.top_k if cfg.loss.kind == "topk" else 0
+        limit_k = h.get("max_top_k")
+        if tc.dialect == "esr" and isinstance(limit_k, int) and self.top_k > limit_k:
+            raise ConfigError(f"loss.top_k={self.top_k} but the teacher server at {self.url} answers at most "
+                              f"{limit_k}: lower loss.top_k, or restart it with --max-top-k {self.top_k}")
         if tc.dialect == "esr":
             server_width = int(h["vocab_size"])
             self.vocab_size = min(rows, server_width)
@@ -218,25 +233,40 @@ class RemoteScorer:
         return TeacherBatch(rollouts=rollouts, teacher_rollouts=rollouts, valid_B_R=rollouts.response_mask_B_R)
 
     def targets(self, batch: TeacherBatch, micro_batch_size: int,
-                rows_per_pass: int | None = None) -> Iterator[TokenLogprobTargets]:
-        """Each micro-batch's rows of the batch's log p_t, (b, R_mb), fetched once for the whole batch when the
-        first micro-batch asks (requests of ``teacher.max_batch_sequences`` rows; ``rows_per_pass`` is unused)."""
+                rows_per_pass: int | None = None) -> Iterator[TokenLogprobTargets | TopKTargets]:
+        """Each micro-batch's rows of the batch's log p_t, (b, R_mb) (and top-k, (b, R_mb, K), when ``top_k``),
+        fetched once for the whole batch when the first micro-batch asks (requests of
+        ``teacher.max_batch_sequences`` rows; ``rows_per_pass`` is unused)."""
         rollouts = batch.rollouts
         for a in range(0, len(rollouts), micro_batch_size):
             n_resp = rollouts.slice(a, a + micro_batch_size).response_mask_B_R.shape[1]
-            logp_B_R = self.teacher_logprobs(rollouts)[a : a + micro_batch_size, :n_resp]
-            yield TokenLogprobTargets(teacher_logp_B_R=logp_B_R)
+            s = self.teacher_scores(rollouts)
+            rows, cols = slice(a, a + micro_batch_size), slice(0, n_resp)
+            if not self.top_k:
+                yield TokenLogprobTargets(teacher_logp_B_R=s.logprobs_B_R[rows, cols])
+            else:
+                yield TopKTargets(s.logprobs_B_R[rows, cols], s.top_ids_B_R_K[rows, cols],
+                                  s.top_logprobs_B_R_K[rows, cols])
 
     def teacher_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
         """log p_t of every sampled response token of the step's whole batch, (B, R) float32 on the CPU (0 where
-        ``response_mask_B_R`` is False). Fetched once per batch object; later calls with it reuse the answer."""
+        ``response_mask_B_R`` is False)."""
+        return self.teacher_scores(rollouts).logprobs_B_R
+
+    def teacher_scores(self, rollouts: Rollouts) -> RolloutScores:
+        """The step's whole batch scored (``RemoteTeacher.score_rollouts`` with ``top_k``; top ids past the
+        student's columns masked). Fetched once per batch object; later calls with it reuse the answer."""
         if rollouts is not self._rollouts:
             t0 = time.perf_counter()
-            scores = self.client.score_rollouts(rollouts, 0, self.request_vocab_size)
+            scores = self.client.score_rollouts(rollouts, self.top_k, self.request_vocab_size)
+            if self.top_k and self.vocab_size is not None:
+                ids_B_R_K, top_B_R_K = mask_top_columns(scores.top_ids_B_R_K, scores.top_logprobs_B_R_K,
+                                                        self.vocab_size)
+                scores = scores._replace(top_ids_B_R_K=ids_B_R_K, top_logprobs_B_R_K=top_B_R_K)
             self.seconds += time.perf_counter() - t0
-            self._rollouts, self._logprobs_B_R = rollouts, scores.logprobs_B_R
-        assert self._logprobs_B_R is not None
-        return self._logprobs_B_R
+            self._rollouts, self._scores = rollouts, scores
+        assert self._scores is not None
+        return self._scores
 
 
 def connect_remote_teacher(cfg: Config) -> RemoteScorer:

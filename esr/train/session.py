@@ -20,7 +20,7 @@ from esr.data.order import batch_indices  # noqa: F401  (re-exported: the loop a
 from esr.data.sources import PromptSet
 from esr.data.template import TokenizedPrompts
 from esr.models import apply_lora, load_model
-from esr.models.load import resolvable_base
+from esr.models.load import load_tokenizer, resolvable_base
 from esr.models.pair import (
     require_shared_vocabulary,
     resolve_device,
@@ -36,6 +36,7 @@ from esr.teacher.cross import CrossTokenizer, template_warnings
 from esr.teacher.cross_score import CrossScorer
 from esr.teacher.score import LocalScorer
 from esr.teacher.scorer import TeacherScorer, check_supported
+from esr.teacher.vllm_score import VLLMScorer
 from esr.train.remote_teacher import RemoteScorer, connect_remote_teacher
 
 log = logging.getLogger("esr.train")
@@ -49,12 +50,14 @@ CROSS_TOKENIZER_HINT = ("Distil across tokenizers with loss.cross_tokenizer=alig
 class Session:
     student: nn.Module
     teacher: nn.Module | None
-    """None when the teacher is a server (``teacher.url``): then ``scorer`` is a ``RemoteScorer``."""
+    """None when the teacher is a server (``teacher.url``: ``scorer`` is a ``RemoteScorer``) or in an in-process vLLM
+    engine (``teacher.engine=vllm``: a ``VLLMScorer``)."""
     tokenizer: Any
     sampler: Sampler
     """The rollout engine (``rollout.engine``; ``esr.rollout.engine``)."""
     scorer: TeacherScorer
-    """The teacher engine: ``LocalScorer``, ``CrossScorer`` or ``RemoteScorer`` (``esr.teacher.scorer``)."""
+    """The teacher engine: ``LocalScorer``, ``CrossScorer``, ``RemoteScorer`` or ``VLLMScorer``
+    (``esr.teacher.scorer``); the loop closes it when the run ends."""
     policy: HorizonPolicy
     prompt_ids: tuple[tuple[int, ...], ...]
     vocab_size: int
@@ -111,7 +114,7 @@ def build_session(cfg: Config) -> Session:
     prompt_set, tokenized = _prompts(cfg, tokenizer, student, teacher)
     cross = (None if vocab.cross_mode is None
              else _cross_tokenizer(cfg, tokenizer, teacher_tok, vocab, eos_ids, tokenized))
-    scorer = _make_scorer(cfg, teacher, remote, cross, vocab)
+    scorer = _make_scorer(cfg, teacher, remote, cross, vocab, dtype, prompt_budget(cfg, student))
     check_supported(cfg.loss, scorer.capabilities)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the seed makes a run (and its resume) repeatable
     student = _make_trainable(student, cfg)
@@ -120,7 +123,7 @@ def build_session(cfg: Config) -> Session:
     sampler = make_sampler(cfg.rollout, student, eos_token_ids=eos_ids, pad_token_id=pad_id,
                            context=_engine_context(cfg, dtype, prompt_budget(cfg, student)))
     info = {
-        **_model_info(device, dtype, student, teacher, remote),
+        **_model_info(device, dtype, student, teacher, scorer),
         **_vocabulary_info(vocab, eos_ids, pad_id, cross),
         "prompts": len(tokenized.ids), "data_rows": prompt_set.n_rows, "data_skipped": prompt_set.n_skipped,
         "prompts_too_long": tokenized.n_too_long,
@@ -135,12 +138,15 @@ def build_session(cfg: Config) -> Session:
 def _load_models(cfg: Config, device: torch.device, dtype: torch.dtype,
                  remote: RemoteScorer | None) -> tuple[nn.Module, Any, nn.Module | None, Any]:
     """(student, its tokenizer, teacher, its tokenizer); a remote teacher loads nothing here (its tokenizer is
-    checked against the student's by ``RemoteScorer.check_student``, so the student's stands for it)."""
+    checked against the student's by ``RemoteScorer.check_student``, so the student's stands for it), an in-process
+    vLLM teacher only its tokenizer (``_make_scorer`` starts its engine)."""
     student, tokenizer = load_model(cfg.student.name, dtype=dtype, device=device,
                                     trust_remote_code=cfg.student.trust_remote_code,
                                     allow_pickle=cfg.student.allow_pickle)
     if remote is not None:
         return student, tokenizer, None, tokenizer
+    if _teacher_engine(cfg) == "vllm":
+        return student, tokenizer, None, load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
     teacher, teacher_tok = load_model(cfg.teacher.name, dtype=dtype, device=device,
                                       trust_remote_code=cfg.teacher.trust_remote_code,
                                       allow_pickle=cfg.teacher.allow_pickle)
@@ -150,7 +156,10 @@ def _load_models(cfg: Config, device: torch.device, dtype: torch.dtype,
 def _vocabularies(cfg: Config, student: nn.Module, tokenizer: Any, teacher: nn.Module | None, teacher_tok: Any,
                   remote: RemoteScorer | None) -> Vocabularies:
     """One id space (checked, with the logit columns both define) or two (``loss.cross_tokenizer``)."""
-    cross_mode = cfg.loss.cross_tokenizer if vocabulary_mismatch(tokenizer, teacher_tok) else None
+    mismatch = vocabulary_mismatch(tokenizer, teacher_tok)
+    if mismatch is not None:
+        _refuse_cross_tokenizer(cfg, mismatch)
+    cross_mode = cfg.loss.cross_tokenizer if mismatch else None
     if cross_mode is not None:
         assert teacher is not None  # a remote teacher shares the student's tokenizer by construction
         return Vocabularies(cross_mode, student.get_output_embeddings().weight.shape[0],
@@ -159,9 +168,31 @@ def _vocabularies(cfg: Config, student: nn.Module, tokenizer: Any, teacher: nn.M
         log.info("student and teacher share one vocabulary: loss.cross_tokenizer is ignored (same-tokenizer path)")
     require_shared_vocabulary(tokenizer, teacher_tok, cfg.student.name, cfg.teacher.name,
                               "same-tokenizer distillation", hint=CROSS_TOKENIZER_HINT)
-    vocab_size = (shared_vocab_size(student, teacher, tokenizer) if remote is None
-                  else remote.check_student(tokenizer, student, cfg))
+    if remote is not None:
+        vocab_size = remote.check_student(tokenizer, student, cfg)
+    elif teacher is None:  # teacher.engine=vllm: the student's columns; top-k ids past them are no buckets
+        vocab_size = shared_vocab_size(student, student, tokenizer)
+    else:
+        vocab_size = shared_vocab_size(student, teacher, tokenizer)
     return Vocabularies(None, vocab_size, vocab_size)
+
+
+def _teacher_engine(cfg: Config) -> str:
+    """``teacher.engine`` (a plain ``ModelConfig`` built in code is a local hf teacher)."""
+    return getattr(cfg.teacher, "engine", "hf")
+
+
+def _refuse_cross_tokenizer(cfg: Config, why: str) -> None:
+    """The teachers that compare token ids directly cannot distil across tokenizers: say which keys to change."""
+    names = f"student '{cfg.student.name}' and teacher '{cfg.teacher.name}' have different tokenizers ({why})"
+    if _teacher_engine(cfg) == "vllm":
+        raise ConfigError(f"teacher.engine=vllm scores the student's own token ids, but {names}: set "
+                          "teacher.engine=hf (with loss.cross_tokenizer=aligned-exact|span-sampled), or pick a "
+                          "teacher of the student's family")
+    if cfg.loss.kind == "topk":
+        raise ConfigError(f"loss.kind=topk compares the teacher's top-k token ids with the student's, but {names}: "
+                          "set loss.kind=reverse_kl with loss.cross_tokenizer=aligned-exact (or loss.kind=sampled "
+                          "with loss.cross_tokenizer=span-sampled), or pick a teacher of the student's family")
 
 
 def _prompts(cfg: Config, tokenizer: Any, student: nn.Module,
@@ -188,11 +219,18 @@ def _cross_tokenizer(cfg: Config, tokenizer: Any, teacher_tok: Any, vocab: Vocab
                           teacher_prompt_ids=teacher_prompts.ids)
 
 
-def _make_scorer(cfg: Config, teacher: nn.Module | None, remote: RemoteScorer | None,
-                 cross: CrossTokenizer | None, vocab: Vocabularies) -> TeacherScorer:
-    """The run's teacher engine, picked once: a server, a local teacher across tokenizers, or a local teacher."""
+def _make_scorer(cfg: Config, teacher: nn.Module | None, remote: RemoteScorer | None, cross: CrossTokenizer | None,
+                 vocab: Vocabularies, dtype: torch.dtype, prompt_tokens: int) -> TeacherScorer:
+    """The run's teacher engine, picked once: a server, an in-process vLLM engine, a local teacher across
+    tokenizers, or a local teacher."""
     if remote is not None:
         return remote
+    if _teacher_engine(cfg) == "vllm":
+        check_supported(cfg.loss, VLLMScorer.capabilities)  # before the engine starts
+        return VLLMScorer(resolvable_base(cfg.teacher.name), dtype=dtype, seed=cfg.seed,
+                          max_model_len=cfg.rollout.vllm.max_model_len or prompt_tokens + cfg.rollout.max_new_tokens,
+                          top_k=cfg.loss.top_k if cfg.loss.kind == "topk" else 0, vocab_size=vocab.vocab_size,
+                          kv_cache_gib=cfg.rollout.vllm.kv_cache_gib, trust_remote_code=cfg.teacher.trust_remote_code)
     assert teacher is not None
     local = LocalScorer(teacher, vocab_size=vocab.teacher_vocab_size)
     if cross is None:
@@ -213,14 +251,20 @@ def _engine_context(cfg: Config, dtype: torch.dtype, prompt_tokens: int) -> Engi
 
 
 def _model_info(device: torch.device, dtype: torch.dtype, student: nn.Module, teacher: nn.Module | None,
-                remote: RemoteScorer | None) -> dict[str, Any]:
-    """run.json's device, dtype and parameter counts (and the teacher server's description)."""
+                scorer: TeacherScorer) -> dict[str, Any]:
+    """run.json's device, dtype and parameter counts (and the teacher server's or engine's description)."""
+    remote = scorer if isinstance(scorer, RemoteScorer) else None
+    if teacher is not None:
+        teacher_params = sum(p.numel() for p in teacher.parameters())
+    else:
+        teacher_params = getattr(scorer, "params", 0)
     return {
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "student_params": sum(p.numel() for p in student.parameters()),
         "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
-        "teacher_params": sum(p.numel() for p in teacher.parameters()) if remote is None else remote.params,
+        "teacher_params": teacher_params,
         **({"teacher": remote.describe()} if remote is not None else {}),
+        **({"teacher": scorer.describe()} if isinstance(scorer, VLLMScorer) else {}),
     }
 
 

@@ -62,7 +62,7 @@ def test_cross_tokenizer_session_scores_across_tokenizers(mode, kinds, targets_t
 def test_a_remote_teacher_session_scores_with_the_server(remote_session):
     s = remote_session
     assert type(s.scorer) is RemoteScorer and isinstance(s.scorer, TeacherScorer) and s.teacher is None
-    assert s.scorer.capabilities.loss_kinds == {"sampled"}
+    assert s.scorer.capabilities.loss_kinds == {"sampled", "topk"}
     assert isinstance(s.sampler, Sampler)
 
 
@@ -105,3 +105,41 @@ def test_capabilities_refuse_what_a_teacher_cannot_feed():
         check_supported(LossConfig(kind="reverse_kl"), remote)
     with pytest.raises(ConfigError, match="loss.select=top-kl-n ranks tokens by KL or entropy"):
         check_supported(LossConfig(kind="sampled", select="top-kl-n"), remote)
+
+
+@pytest.mark.parametrize(("overrides", "keys"), [
+    (["teacher.engine=vllm", "loss.kind=reverse_kl"], ["loss.kind=topk", "teacher.engine=hf"]),
+    (["teacher.engine=vllm", "loss.kind=topk", "loss.select=top-kl-n"], ["loss.select=", "teacher.engine=hf"]),
+    (["teacher.engine=vllm", "loss.kind=sampled", "loss.cross_tokenizer=span-sampled"],
+     ["unset loss.cross_tokenizer"]),
+    (["teacher.engine=vllm", "loss.kind=topk", "teacher.url=http://h:8000"], ["teacher.engine=vllm-server"]),
+    (["loss.kind=topk", "loss.cross_tokenizer=aligned-exact"], ["loss.kind=reverse_kl"]),
+    (["loss.kind=topk", "teacher.engine=vllm-server", "teacher.url=http://h:8000"], ["teacher.dialect=openai"]),
+    (["loss.kind=topk", "loss.top_k=0"], ["loss.top_k"]),
+])
+def test_topk_and_teacher_engine_config_errors_name_the_keys(overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, overrides)
+    for key in keys:
+        assert key in str(err.value), str(err.value)
+
+
+def test_a_vllm_teacher_trains_topk_and_sampled_only():
+    from esr.teacher.vllm_score import VLLMScorer  # imports vLLM only when a scorer starts
+
+    assert VLLMScorer.capabilities.loss_kinds == {"sampled", "topk"}
+    assert "topk" in LocalScorer.capabilities.loss_kinds
+    check_supported(LossConfig(kind="topk", select="top-student-entropy-n"), VLLMScorer.capabilities)
+    with pytest.raises(ConfigError, match=r"loss.kind=jsd is not supported with an in-process vLLM teacher "
+                                          r"\(teacher.engine=vllm\): use loss.kind=sampled\|topk"):
+        check_supported(LossConfig(kind="jsd"), VLLMScorer.capabilities)
+
+
+@needs_qwen
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["loss.kind=topk"], "loss.kind=topk compares the teacher's top-k token ids"),
+    (["loss.kind=topk", "teacher.engine=vllm"], "set teacher.engine=hf"),
+])
+def test_topk_and_the_vllm_teacher_refuse_a_cross_tokenizer_teacher(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        build_session(load_config(SMOKE, ["teacher.name=tiny-teacher-qwen", *overrides]))

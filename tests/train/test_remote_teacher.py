@@ -156,6 +156,20 @@ def test_a_training_step_with_a_remote_teacher_equals_the_local_one(server, tmp_
         assert b["kl"] != pytest.approx(a["kl"], rel=1e-6)  # the sampled estimate, not the exact KL
 
 
+@pytest.mark.parametrize("dialect", ["esr", "openai"])
+def test_a_topk_run_with_a_remote_teacher_equals_the_local_one(server, tmp_path, dialect):
+    """loss.kind=topk: the server's top-k log-probs give the loss a local teacher's full logits give."""
+    topk = ["loss.kind=topk", "loss.top_k=5", "train.steps=2"]
+    local = train(load_config(SMOKE, topk), tmp_path / "local", progress=False).metrics
+    rem = train(load_config(SMOKE, [f"teacher.url={server.url}", f"teacher.dialect={dialect}", *topk]),
+                tmp_path / "remote", progress=False).metrics
+    for a, b in zip(local, rem, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7) and b["loss"] > 0
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["kl"] == pytest.approx(b["loss"], rel=1e-5)  # the metric is the top-k + tail KL itself
+        assert a["kl"] >= a["loss"] - 1e-6  # locally it is the exact KL, which the top-k loss lower-bounds
+
+
 # --- (b) a run from the command line ------------------------------------------------------------------------------
 
 
@@ -238,6 +252,7 @@ def test_remote_teacher_rejects_what_needs_the_teachers_distribution(overrides, 
     [], ["loss.select=top-student-entropy-n"], ["loss.select=random-n", "loss.position_gamma=0.5"],
     ["optim.extrapolate.enabled=true", "optim.extrapolate.probe=eval"], ["teacher.dialect=openai"],
     ["teacher.url=https://teacher.example:8443/base", "teacher.token_env=MY_TEACHER_TOKEN"],
+    ["loss.kind=topk"], ["loss.kind=topk", "teacher.engine=vllm-server", "teacher.dialect=openai"],
 ])
 def test_remote_teacher_accepts_what_needs_only_sampled_logprobs(overrides):
     cfg = load_config(SMOKE, ["teacher.url=http://host:8000", SAMPLED, *overrides])
