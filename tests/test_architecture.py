@@ -24,7 +24,7 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 LAYERS: list[list[str]] = [
-    ["esr", "esr.errors", "esr.types", "esr.progress", "esr.plots"],  # leaves: the error base, shapes, bars, figures
+    ["esr", "esr.errors", "esr.http", "esr.types", "esr.progress", "esr.plots"],  # leaves: errors, HTTP, shapes, plots
     ["esr.config"],  # the config tree and its validation
     ["esr.data", "esr.losses", "esr.models", "esr.rollout"],  # prompts, pure losses, model loading, sampling
     ["esr.teacher", "esr.serve", "esr.eval", "esr.generate"],  # teacher scoring (local, remote), evaluation

@@ -41,6 +41,10 @@ QUICKSTART_TINY = f"student.name=tiny-student teacher.name=tiny-teacher {SMOKE_T
 XFAMILY_TINY = f"student.name=tiny-student teacher.name=tiny-teacher-qwen {SMOKE_TRAIN}"
 FEW = "--limit 2 --max-new-tokens 12 --no-progress"
 
+SERVER_TESTED = ("tests/rollout/test_vllm_server.py starts this very server command (tiny-qwen, --enable-lora, "
+                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) and trains through it with rollout.engine=vllm-server; a second "
+                 "server here would add ~40 s to the suite")
+
 EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
     # training: the run folders the later lines read
     "esr train configs/quickstart.yaml optim.extrapolate.enabled=true":
@@ -55,6 +59,10 @@ EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
         Skip("an install line: README command 2 installs [vllm] and removes the same three packages"),
     "esr train configs/quickstart.yaml rollout.engine=vllm rollout.dtype=bfloat16":
         [("bfloat16", f"bfloat16 student.name=tiny-qwen teacher.name=tiny-teacher-qwen {SMOKE_TRAIN} --out runs/vllm")],
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 python -m vllm.entrypoints.openai.api_server --model STUDENT_BASE "
+    "--enable-lora --max-lora-rank R --port 8000": Skip(SERVER_TESTED),
+    "esr train configs/quickstart.yaml rollout.engine=vllm-server rollout.vllm.url=http://SAMPLER_HOST:8000":
+        Skip(SERVER_TESTED),
     # evaluation
     "esr eval qwen2.5-coder-0.5b-instruct --task gsm_symbolic --limit 100":
         [("qwen2.5-coder-0.5b-instruct", "tiny-teacher-qwen"), ("--limit 100", FEW)],

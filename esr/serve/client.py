@@ -18,17 +18,15 @@ Either way ``score`` returns, per sequence, ``ScoredSequence(logprobs (n,), top_
 as CPU tensors with n = len(sequence) - start, and ``score_rollouts`` lays them out as (B, R) / (B, R, K) tensors
 aligned with ``Rollouts.response_mask_B_R``.
 
-Failures: a connection error, a 5xx or a 429 is retried ``retries`` times with exponential backoff and jitter
-(``backoff_s * 2**attempt``, times a random factor in [0.5, 1.5), at least the server's Retry-After); any other 4xx
-is the caller's mistake and raises ``RemoteTeacherError`` at once with the server's message. A server that sends
+Failures (``esr.http``): a connection error, a 5xx or a 429 is retried ``retries`` times with exponential backoff and
+jitter (``backoff_s * 2**attempt``, times a random factor in [0.5, 1.5), at least the server's Retry-After); any other
+4xx is the caller's mistake and raises ``RemoteTeacherError`` at once with the server's message. A server that sends
 nothing for ``timeout_s`` raises at once too (retrying would pile more work on a server that is already behind).
 One ``RemoteTeacher`` holds one HTTP session: use one per thread.
 """
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
@@ -36,10 +34,9 @@ from typing import Any, Literal, NamedTuple
 import requests
 import torch
 
+from esr.http import request
 from esr.serve.errors import RemoteTeacherError
 from esr.types import Rollouts
-
-MAX_BACKOFF_S = 30.0
 
 
 class ScoredSequence(NamedTuple):
@@ -220,34 +217,9 @@ class RemoteTeacher:
     # --- HTTP with retries -------------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, payload: Any = None) -> Any:
-        url = self.url + path
-        data = json.dumps(payload, separators=(",", ":")).encode() if payload is not None else None
-        failure, status = "", None
-        for attempt in range(self.retries + 1):
-            retry_after, status = 0.0, None
-            try:
-                resp = self._session.request(method, url, data=data, headers=self._headers,
-                                             timeout=(min(10.0, self.timeout_s), self.timeout_s))
-            except requests.ReadTimeout as err:
-                raise RemoteTeacherError(f"{method} {url}: no answer within {self.timeout_s} s") from err
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
-                failure = f"connection failed ({type(err).__name__}: {err})"
-            else:
-                if resp.status_code < 400:
-                    try:
-                        return resp.json()
-                    except ValueError as err:
-                        raise RemoteTeacherError(f"{method} {url}: the reply is not JSON", resp.status_code) from err
-                message = _error_message(resp)
-                if resp.status_code < 500 and resp.status_code != 429:  # the caller's mistake: retrying won't help
-                    raise RemoteTeacherError(f"{method} {url}: HTTP {resp.status_code}: {message}", resp.status_code)
-                failure, status = f"HTTP {resp.status_code}: {message}", resp.status_code
-                retry_after = _retry_after(resp)
-            if attempt == self.retries:
-                break
-            delay = min(MAX_BACKOFF_S, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.5)
-            time.sleep(max(delay, retry_after))
-        raise RemoteTeacherError(f"{method} {url}: gave up after {self.retries + 1} attempts; last: {failure}", status)
+        return request(self._session, method, self.url + path, payload, error=RemoteTeacherError,
+                       headers=self._headers, timeout_s=self.timeout_s, retries=self.retries,
+                       backoff_s=self.backoff_s)
 
     def close(self) -> None:
         self._session.close()
@@ -258,26 +230,3 @@ class RemoteTeacher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _error_message(resp: requests.Response) -> str:
-    """The server's own message: esr's and vLLM's {"error": {"message"}}, older vLLM's {"message"}, else text."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return resp.text[:500] or resp.reason or ""
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and "message" in error:
-            return str(error["message"])
-        for key in ("message", "detail", "error"):
-            if key in body:
-                return str(body[key])
-    return str(body)[:500]
-
-
-def _retry_after(resp: requests.Response) -> float:
-    value = resp.headers.get("Retry-After", "")
-    try:
-        return min(60.0, max(0.0, float(value)))
-    except ValueError:
-        return 0.0
