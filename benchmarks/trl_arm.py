@@ -24,6 +24,7 @@ only, shared with benchmarks/esr_arm.py.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -105,9 +106,15 @@ def _distill_trainer(spec: dict[str, Any], rows: list[dict[str, Any]], common: d
             clock.tokens += sum(len(c) for c in out)
             return out
 
+    vllm = {}
+    if spec.get("use_vllm"):  # TRL's own colocated vLLM; the CPU settings esr's engine uses (esr/rollout/vllm_env.py)
+        for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("VLLM_CPU_KVCACHE_SPACE", "1"),
+                           ("VLLM_CPU_OMP_THREADS_BIND", f"0-{spec['threads'] - 1}")):
+            os.environ.setdefault(key, value)
+        vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024}
     args = trl.DistillationConfig(
         **common, max_completion_length=N, top_p=spec["top_p"], top_k=0, beta=1.0, shuffle_dataset=False,
-        generation_kwargs={"min_new_tokens": N},
+        generation_kwargs={"min_tokens": N} if vllm else {"min_new_tokens": N}, **vllm,
     )
     dataset = Dataset.from_list([{"prompt": r["messages"]} for r in rows])
     trainer = Timed(model=models[0], teacher_model=models[1], args=args, train_dataset=dataset,

