@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from esr.config import RolloutConfig, load_config
+from esr.config import ConfigError, RolloutConfig, load_config
 from esr.models import load_model
 from esr.rollout import make_sampler
 from esr.rollout.compiled import CompiledHFSampler, bucket, next_power_of_two
@@ -78,3 +78,9 @@ def test_two_training_steps_with_hf_compiled(tmp_path, needs_smollm2_package):
     assert [m["step"] for m in result.metrics] == [1, 2]
     for m in result.metrics:
         assert m["kl"] > 0 and torch.isfinite(torch.tensor(m["loss"])) and 1 <= m["response_len_max"] <= 16
+
+
+@pytest.mark.parametrize("override", ["rollout.engine=hf-compiled", "rollout.dtype=bfloat16"])
+def test_fsdp_refuses_a_compiled_engine_or_a_sampling_copy(override):
+    with pytest.raises(ConfigError, match="train.fsdp samples with the sharded student itself"):
+        load_config(SMOKE, ["train.fsdp=true", override])
