@@ -13,9 +13,14 @@ the same shapes through esr's own training step (``esr.train.loop.run_step``) on
 - arms, in one process: esr ESR N=100 (several steps), the raw floor for the same work (plain ``generate`` with HF
   sampling + a plain teacher forward + a plain student forward/backward on full logits + AdamW), esr full rollout at
   T=1024 and its floor, then esr ESR at larger batches (per-sample cost).
+- ``--engine hf hf-compiled``: the ESR N=100 arm again with each further rollout engine, side by side on the same
+  session (``esr[hf-compiled] ESR N=..., batch ...``), after one untimed step that compiles it (its seconds are
+  ``env.engine_warmup_s``). ``--rollout-dtype`` sets ``rollout.dtype`` for every engine (on CUDA the trainer is
+  bf16, so ``auto`` samples in bf16 with the trainer's own module).
 
     python benchmarks/gpu_step.py --export-tokenizer .carry/qwen-tokenizer   # here: the tokenizer, from the zoo
     python benchmarks/gpu_step.py --tokenizer .carry/qwen-tokenizer --data .carry/gsm8k-train.jsonl --json out.json
+    python benchmarks/gpu_step.py --tokenizer ... --data ... --engine hf hf-compiled --skip-full --sweep
     python benchmarks/gpu_step.py --tiny --device cpu ...                       # 2-layer models: checks the script
 
 Phase times are esr's own (``StepMetrics``); on CUDA the scorer synchronises before reading its clock, so the
@@ -39,6 +44,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from esr.config import load_config
+from esr.rollout.engine import make_sampler
 from esr.rollout.policies import make_policy
 from esr.rollout.sampler import HFSampler
 from esr.train.loop import run_step
@@ -156,6 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip-full", action="store_true", help="leave out the two T arms")
     ap.add_argument("--floor-micro", type=int, default=4,
                     help="rows per pass of the T floor (its full B x T x V float logits do not fit at once)")
+    ap.add_argument("--engine", nargs="+", choices=("hf", "hf-compiled"), default=["hf"],
+                    help="rollout engines timed on the ESR arm, side by side (hf, the baseline, always runs)")
+    ap.add_argument("--rollout-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="rollout.dtype of every engine")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args(argv)
     if not args.export_tokenizer and not (args.tokenizer and args.data):
@@ -180,7 +190,8 @@ class Bench:
         self.common = [f"student.name={work / 'student'}", f"teacher.name={work / 'teacher'}", "data.source=gsm8k",
                        f"data.path={args.data}", "data.limit=2000", f"train.device={args.device}",
                        "train.steps=1000", "train.lr=5.0e-5", "lora.r=32", "lora.alpha=64",
-                       "rollout.temperature=0.7", "loss.kind=reverse_kl"]
+                       "rollout.temperature=0.7", "loss.kind=reverse_kl", f"rollout.dtype={args.rollout_dtype}"]
+        self.engine_warmup_s: dict[str, float] = {}
         self.cfg_esr = self.cfg_for(args.batch, "esr", args.n)
         t0 = time.perf_counter()
         self.session = s = build_session(self.cfg_esr)
@@ -205,6 +216,29 @@ class Bench:
         sampler = HFSampler(s.student, eos_token_ids=s.sampler.eos_token_ids, pad_token_id=s.sampler.pad_token_id,
                             temperature=0.7, min_new_tokens=tokens)
         return dataclasses.replace(s, policy=make_policy(cfg.rollout), sampler=sampler)
+
+    def with_engine(self, engine: str) -> Session:
+        """The session sampling with rollout engine ``engine`` (``cfg_esr``'s rollout settings otherwise)."""
+        s, rollout = self.session, dataclasses.replace(self.cfg_esr.rollout, engine=engine)
+        sampler = make_sampler(rollout, s.student, eos_token_ids=s.sampler.eos_token_ids,
+                               pad_token_id=s.sampler.pad_token_id)
+        return dataclasses.replace(s, sampler=sampler)
+
+    def engine_arms(self, record, step: int) -> int:
+        """The ESR arm with each ``--engine`` besides hf, after one untimed step (compiles, captures graphs)."""
+        a = self.args
+        for engine in (e for e in a.engine if e != "hf"):
+            sess = self.with_engine(engine)
+            t0 = time.perf_counter()
+            run_step(sess, self.cfg_esr, step)
+            self.engine_warmup_s[engine] = time.perf_counter() - t0
+            step += 1
+            runs = []
+            for _ in range(a.esr_steps):
+                runs.append(arm(self.device, self.esr_step(sess, self.cfg_esr, step)))
+                step += 1
+            record(f"esr[{engine}] ESR N={a.n}, batch {a.batch}", mean_of(runs))
+        return step
 
     def esr_step(self, sess: Session, cfg, step: int):
         def go():
@@ -234,6 +268,7 @@ class Bench:
         record(f"esr ESR N={a.n}, batch {a.batch}", mean_of(runs))
         record(f"floor N={a.n}, batch {a.batch}",
                arm(dev, lambda: floor_step(self.session, self.prompts(a.batch, 1), a.n, 1)))
+        step = self.engine_arms(record, step)
         for b in a.sweep:
             record(f"esr ESR N={a.n}, batch {b}", arm(dev, self.esr_step(self.session, self.cfg_for(b, "esr", a.n),
                                                                           step)))
@@ -256,7 +291,8 @@ def environment(bench: Bench, sampler_ms: dict[str, float]) -> dict:
     return {"device": gpu, "nvidia_smi": smi, "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "python": platform.python_version(), "dtype": str(bench.dtype),
             "seconds_write_models": bench.seconds_write, "seconds_build_session": bench.seconds_load,
-            "tiny": bench.args.tiny, "sampler_ms_per_token": sampler_ms}
+            "tiny": bench.args.tiny, "sampler_ms_per_token": sampler_ms, "rollout_dtype": bench.args.rollout_dtype,
+            "engine_warmup_s": bench.engine_warmup_s}
 
 
 def report(args: argparse.Namespace, env: dict, results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -270,6 +306,9 @@ def report(args: argparse.Namespace, env: dict, results: dict[str, dict[str, flo
               f"{r['wall']:>8.2f}{r['wall'] / b:>10.3f}{r['peak_gb']:>8.1f}G")
     esr_n = results[f"esr ESR N={args.n}, batch {args.batch}"]
     ratios = {"esr ESR / floor": esr_n["wall"] / results[f"floor N={args.n}, batch {args.batch}"]["wall"]}
+    for engine in (e for e in args.engine if e != "hf"):
+        ratios[f"esr[{engine}] / esr[hf] ESR N={args.n}"] = (
+            results[f"esr[{engine}] ESR N={args.n}, batch {args.batch}"]["wall"] / esr_n["wall"])
     if not args.skip_full:
         esr_t, floor_t = (results[f"{a} T={args.T}, batch {args.batch}"] for a in ("esr full", "floor"))
         ratios[f"full T={args.T} / ESR N={args.n} (paper: 24x)"] = esr_t["wall"] / esr_n["wall"]

@@ -106,6 +106,8 @@ def check_engines(cfg: Any) -> None:
       and untestable on esr's CPU CI; LoRA adapters go through ``/v1/load_lora_adapter`` and work anywhere.
     - a vLLM rollout engine with ``train.fsdp``: the engine runs beside one training process (colocated) or on its
       own machines (server); sharded training processes would each need the whole weights gathered first.
+    - ``hf-compiled`` or ``rollout.dtype`` other than ``auto`` with ``train.fsdp``: both would hold or compile the
+      whole student in each process (esr.rollout.sampling_copy, esr.rollout.compiled); untested with sharded layers.
     """
     r, loss = cfg.rollout, cfg.loss
     v = r.vllm
@@ -126,6 +128,9 @@ def check_engines(cfg: Any) -> None:
     if r.engine in VLLM_ENGINES and cfg.train.fsdp:
         raise ConfigError(f"rollout.engine={r.engine} samples beside one training process; train.fsdp shards the "
                           "student over several: use rollout.engine=hf with train.fsdp")
+    if cfg.train.fsdp and (r.engine == "hf-compiled" or r.dtype != "auto"):
+        raise ConfigError("train.fsdp samples with the sharded student itself (rollout.engine=hf, rollout.dtype=auto): "
+                          "a compiled decode step or a sample-dtype copy of the whole student is not supported there")
     if not 0.0 < v.kv_cache_gib < float("inf") or not 0.0 < v.timeout_s < float("inf") or v.retries < 0:
         raise ConfigError("rollout.vllm.kv_cache_gib and rollout.vllm.timeout_s must be finite numbers > 0 and "
                           f"rollout.vllm.retries >= 0; got {v.kv_cache_gib}, {v.timeout_s}, {v.retries}")

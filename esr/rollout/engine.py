@@ -2,7 +2,8 @@
 
 A run picks its engine once, when the session is built, by ``rollout.engine``:
 
-    hf            Hugging Face ``generate`` on the trainer's own module              (esr.rollout.sampler.HFSampler)
+    hf            Hugging Face ``generate`` on the trainer's own module, or on a copy in ``rollout.dtype`` refreshed
+                  every step (esr.rollout.sampling_copy)                          (esr.rollout.sampler.HFSampler)
     hf-compiled   the same with a static KV cache and ``torch.compile`` (a GPU decode path where vLLM cannot be
                   installed)                                                        (esr.rollout.compiled)
     vllm          an in-process ``vllm.LLM`` (colocated): LoRA adapters handed over as a new ``LoRARequest``, full
@@ -25,6 +26,7 @@ from torch import nn
 from esr.config import ConfigError, RolloutConfig
 from esr.rollout.context import EngineContext, sample_dtype  # noqa: F401  (re-exported)
 from esr.rollout.sampler import HFSampler
+from esr.rollout.sampling_copy import sampling_copy_for
 from esr.types import Rollouts
 
 ENGINES = ("hf", "hf-compiled", "vllm", "vllm-server")
@@ -58,18 +60,21 @@ class Sampler(Protocol):
 def make_sampler(cfg: RolloutConfig, model: nn.Module, *, eos_token_ids: Sequence[int], pad_token_id: int,
                  context: EngineContext | None = None) -> Sampler:
     """The ``rollout.engine`` sampler for ``model`` with ``rollout``'s temperature, top-p, minimum length and
-    generation batch size. The vLLM engines need ``context`` (the student's folder, how it is fine-tuned)."""
+    generation batch size. The vLLM engines need ``context`` (the student's folder, how it is fine-tuned); the HF
+    ones read the trainer's dtype from it (else from ``model``) to tell whether ``rollout.dtype`` asks for a
+    sample-dtype copy of the student (esr.rollout.sampling_copy)."""
     if cfg.engine not in ENGINES:  # load_config checks it too; a config built in code may hold anything
         raise ConfigError(f"rollout.engine={cfg.engine!r} is not one of {', '.join(ENGINES)}")
     if cfg.engine == "hf":
         return HFSampler(model, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, temperature=cfg.temperature,
-                         top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens, batch_size=cfg.batch_size)
-    if context is None:
-        raise ValueError(f"rollout.engine={cfg.engine} needs an EngineContext (the student's folder and fine-tuning)")
+                         top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens, batch_size=cfg.batch_size,
+                         sampling_copy=sampling_copy_for(cfg, model, context and context.train_dtype))
     if cfg.engine == "hf-compiled":
         from esr.rollout.compiled import CompiledHFSampler
 
         return CompiledHFSampler(model, cfg, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, context=context)
+    if context is None:
+        raise ValueError(f"rollout.engine={cfg.engine} needs an EngineContext (the student's folder and fine-tuning)")
     if cfg.engine == "vllm":
         from esr.rollout.vllm_engine import VLLMSampler
 

@@ -30,12 +30,16 @@ and padding after a row's end are greedy's. Temperature 0 is plain greedy decodi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from esr.types import Rollouts
+
+if TYPE_CHECKING:
+    from esr.rollout.sampling_copy import SamplingCopy
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +133,10 @@ class RowSampling(LogitsProcessor):
 class HFSampler:
     """Samples with ``model.generate`` (KV cache), in chunks of ``batch_size`` rows (None: all rows at once).
 
-    The ``hf`` rollout engine (``esr.rollout.engine.Sampler``): it samples with the trainer's own module, so it
-    always sees the current weights and gives no log-probs of its own (``Rollouts.logprobs_B_R`` is None).
+    The ``hf`` rollout engine (``esr.rollout.engine.Sampler``). With ``sampling_copy`` None (``rollout.dtype=auto``)
+    it samples with the trainer's own module, so it always sees the current weights at no cost; with a
+    ``SamplingCopy`` (another ``rollout.dtype``) it samples with the copy, which ``sync_weights`` refreshes. It gives
+    no log-probs of its own (``Rollouts.logprobs_B_R`` is None).
     """
 
     def __init__(
@@ -144,8 +150,11 @@ class HFSampler:
         min_new_tokens: int = 0,
         batch_size: int | None = None,
         synced: bool = False,
+        sampling_copy: SamplingCopy | None = None,
     ) -> None:
-        self.model = model
+        self.copy = sampling_copy
+        self.model = model if sampling_copy is None else sampling_copy.module
+        """The module ``generate`` runs on: the trained one, or the sample-dtype copy (esr.rollout.sampling_copy)."""
         self.synced = synced
         """``generate(synced_gpus=True)``: every process steps until all are done (sharded layers, esr.train.fsdp)."""
         self.eos_token_ids = list(eos_token_ids)
@@ -156,15 +165,19 @@ class HFSampler:
         self.batch_size = batch_size
 
     def sync_weights(self, model: PreTrainedModel) -> None:
-        """Nothing to copy: ``self.model`` is the trained module itself (or, wrapped for training, shares its
-        parameters), so every step samples from the current weights."""
+        """Without a copy, nothing to do: ``self.model`` is the trained module itself (or, wrapped for training,
+        shares its parameters), so every step samples from the current weights. With one, write ``model``'s current
+        weights into it."""
+        if self.copy is not None:
+            self.copy.refresh(model)
 
     def close(self) -> None:
-        """Nothing to free: the module is the trainer's."""
+        """Nothing to free: the module is the trainer's (a copy goes with the sampler)."""
 
-    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+    def generation_config(self, max_new_tokens: int, prompt_len: int = 0) -> GenerationConfig:
         """Greedy ``generate`` with no warpers of HF's own (top-k off, no repetition penalty): sampling at
-        ``temperature`` with ``top_p`` is ``RowSampling``'s job, added by ``sample``."""
+        ``temperature`` with ``top_p`` is ``RowSampling``'s job, added by ``sample``. (``prompt_len``, the padded
+        prompt columns, sizes a static cache in ``esr.rollout.compiled``; unused here.)"""
         return GenerationConfig(
             do_sample=False,
             temperature=1.0,
@@ -178,6 +191,26 @@ class HFSampler:
             use_cache=True,
         )
 
+    def padded_prompts(self, prompt_ids: Sequence[Sequence[int]], pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P) left-padded ids and mask, P = max(longest prompt, ``pad_to``)."""
+        ids_B_P, mask_B_P = left_pad(prompt_ids, self.pad_token_id)
+        if pad_to > ids_B_P.shape[1]:
+            extra = pad_to - ids_B_P.shape[1]
+            ids_B_P = torch.nn.functional.pad(ids_B_P, (extra, 0), value=self.pad_token_id)
+            mask_B_P = torch.nn.functional.pad(mask_B_P, (extra, 0), value=0)
+        return ids_B_P, mask_B_P
+
+    def generate_rows(self, ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, rows: Sequence[int], seed: int,
+                      gen_config: GenerationConfig) -> torch.Tensor:
+        """One chunk's new tokens (B, R) on the CPU, row b's noise keyed by (seed, rows[b])."""
+        device = next(self.model.parameters()).device
+        processors = LogitsProcessorList([RowSampling(self.temperature, self.top_p, seed, rows)]
+                                         if self.temperature > 0 else [])
+        out_B_L = self.model.generate(input_ids=ids_B_P.to(device), attention_mask=mask_B_P.to(device),
+                                      generation_config=gen_config, logits_processor=processors,
+                                      synced_gpus=self.synced)
+        return out_B_L[:, ids_B_P.shape[1] :].cpu()
+
     @torch.no_grad()
     def sample(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int,
                row_ids: Sequence[int] | None = None, pad_to: int = 0) -> Rollouts:
@@ -187,34 +220,18 @@ class HFSampler:
         whatever the other rows are (module docstring). A process sampling a shard of a batch passes the rows'
         indices in the whole batch, and that batch's longest prompt as ``pad_to``.
         """
-        device = next(self.model.parameters()).device
         row_ids = list(range(len(prompt_ids))) if row_ids is None else list(row_ids)
         if len(row_ids) != len(prompt_ids):
             raise ValueError(f"sample: {len(row_ids)} row ids for {len(prompt_ids)} prompts")
-        ids_B_P, mask_B_P = left_pad(prompt_ids, self.pad_token_id)
-        if pad_to > ids_B_P.shape[1]:
-            extra = pad_to - ids_B_P.shape[1]
-            ids_B_P = torch.nn.functional.pad(ids_B_P, (extra, 0), value=self.pad_token_id)
-            mask_B_P = torch.nn.functional.pad(mask_B_P, (extra, 0), value=0)
+        ids_B_P, mask_B_P = self.padded_prompts(prompt_ids, pad_to)
         chunk = self.batch_size or len(prompt_ids)
-        gen_config = self.generation_config(max_new_tokens)
+        gen_config = self.generation_config(max_new_tokens, prompt_len=ids_B_P.shape[1])
         was_training = self.model.training
         self.model.eval()
-        pieces: list[torch.Tensor] = []
         # Noise streams seeded here, per row (not once per run): a step's samples are a function of (seed, step),
         # so a resumed run samples the same; the global RNG is never touched.
-        for start in range(0, len(prompt_ids), chunk):
-            rows = row_ids[start : start + chunk]
-            processors = LogitsProcessorList([RowSampling(self.temperature, self.top_p, seed, rows)]
-                                             if self.temperature > 0 else [])
-            out_B_L = self.model.generate(
-                input_ids=ids_B_P[start : start + chunk].to(device),
-                attention_mask=mask_B_P[start : start + chunk].to(device),
-                generation_config=gen_config,
-                logits_processor=processors,
-                synced_gpus=self.synced,
-            )
-            pieces.append(out_B_L[:, ids_B_P.shape[1] :].cpu())
+        pieces = [self.generate_rows(ids_B_P[a : a + chunk], mask_B_P[a : a + chunk], row_ids[a : a + chunk], seed,
+                                     gen_config) for a in range(0, len(prompt_ids), chunk)]
         self.model.train(was_training)
         R = max(p.shape[1] for p in pieces)
         new_B_R = torch.cat([torch.nn.functional.pad(p, (0, R - p.shape[1]), value=self.pad_token_id) for p in pieces])

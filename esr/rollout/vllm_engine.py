@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from esr.config import ConfigError, RolloutConfig
-from esr.models.lora import save_lora
 from esr.rollout.context import EngineContext, sample_dtype
 from esr.rollout.requests import RowRequest, rollouts_from_rows, row_requests
 from esr.rollout.vllm_env import import_vllm, vllm_kwargs
@@ -80,7 +79,8 @@ class VLLMSampler:
     def _sync_adapter(self, model: nn.Module) -> None:
         assert self.adapter_root is not None
         folder = self.adapter_root / f"v{self.version}"
-        save_lora(model, folder)
+        # The adapter only (what peft's save_pretrained writes; never the embeddings, which esr does not resize).
+        _unwrapped(model).save_pretrained(str(folder), save_embedding_layers=False)
         old = self.lora_request
         self.lora_request = self.vllm.lora.request.LoRARequest(f"esr-v{self.version}", self.version, str(folder))
         if old is not None:

@@ -56,7 +56,7 @@ from esr.rollout.requests import RowRequest, rollouts_from_rows, row_requests
 from esr.types import Rollouts
 
 if TYPE_CHECKING:  # engine.py imports this module when rollout.engine=vllm-server
-    from esr.rollout.engine import EngineContext
+    from esr.rollout.context import EngineContext
 
 MAX_CONCURRENT = 16
 """Requests in flight at once: enough for the server to batch a step's rows."""

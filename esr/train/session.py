@@ -28,7 +28,7 @@ from esr.models.pair import (
     shared_vocab_size,
     vocabulary_mismatch,
 )
-from esr.rollout.context import EngineContext
+from esr.rollout.context import EngineContext, sample_dtype
 from esr.rollout.engine import Sampler, make_sampler
 from esr.rollout.eos import eos_token_ids
 from esr.rollout.policies import HorizonPolicy, make_policy
@@ -240,10 +240,11 @@ def _make_scorer(cfg: Config, teacher: nn.Module | None, remote: RemoteScorer | 
 
 
 def _engine_context(cfg: Config, dtype: torch.dtype, prompt_tokens: int) -> EngineContext | None:
-    """What an engine with its own copy of the student needs (None for ``hf``, which samples with the trainer's
-    module): the student as a folder it can load, and a context length that holds the longest prompt plus
-    ``rollout.max_new_tokens``."""
-    if cfg.rollout.engine == "hf":
+    """What an engine needs beyond ``rollout``'s settings: the student as a folder it can load, how it is
+    fine-tuned, the trainer's dtype and a context length that holds the longest prompt plus
+    ``rollout.max_new_tokens``. None for ``hf`` sampling in the trainer's dtype (``rollout.dtype=auto``), which
+    samples with the trainer's module itself and needs none of it."""
+    if cfg.rollout.engine == "hf" and sample_dtype(cfg.rollout, dtype) == dtype:
         return None
     return EngineContext(source=resolvable_base(cfg.student.name), finetune=cfg.train.finetune,
                          lora_rank=cfg.lora.r, train_dtype=dtype, seed=cfg.seed,

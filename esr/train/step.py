@@ -79,20 +79,19 @@ def distill_micro_batch(
         loss = sum_{selected (b,t)} w[b,t] * loss[b,t] / n_total      (w = 1 when ``weight_B_R`` is None)
 
     Args:
-        student: the trained model.
+        student: the trained model; rollouts: the micro-batch (b rows, R response positions).
         teacher: this micro-batch's teacher targets (``TeacherScorer.targets``); positions outside its
             ``trainable_B_R`` get no loss.
-        rollouts: the micro-batch (b rows, R response positions).
-        select_B_R: bool (b, R), the selected tokens.
-        n_total: the loss's normaliser over the whole batch (``Selection.n_total``).
+        select_B_R: bool (b, R), the selected tokens; weight_B_R: float position weights (b, R), or None.
+        n_total: the loss's normaliser over the whole batch (``Selection.n_total``); vocab_size: V, the student's
+            logit columns.
         cfg: ``loss`` config (``kind``; ``chunk_size`` bounds the logits chunk, b x chunk x V).
-        vocab_size: V, the student's logit columns.
-        weight_B_R: float position weights (b, R), or None.
     """
     device = next(student.parameters()).device
     release_freed_memory(device)  # the teacher's activations (esr/train/memory.py)
     student_hidden_B_R_H = response_hidden(student, rollouts)
     release_freed_memory(device)  # the forward's temporaries; what backward needs stays
+    health = EngineHealth(rollouts, device)
     leaf_B_R_H = student_hidden_B_R_H.detach().requires_grad_(True)
     tokens_B_R = rollouts.response_ids_B_R.to(device)
     select_B_R = select_B_R.to(device)
@@ -104,17 +103,13 @@ def distill_micro_batch(
         return head_logits(student, hidden_B_T_H, vocab_size)
 
     teacher.begin(lambda: chunked_token_logprobs(project, leaf_B_R_H.detach(), tokens_B_R, cfg.chunk_size))
-    R = tokens_B_R.shape[1]
-    loss_total, kl_sum = 0.0, 0.0
+    R, loss_total, kl_sum = tokens_B_R.shape[1], 0.0, 0.0
     kl_B_R = torch.zeros(tokens_B_R.shape, dtype=torch.float32)
-    health = EngineHealth(rollouts, device)
     for a in range(0, R, cfg.chunk_size):
         b = min(R, a + cfg.chunk_size)
         student_logits_B_T_V = project(leaf_B_R_H[:, a:b])
         values_B_T, kl_B_T = teacher.loss_terms(cfg, student_logits_B_T_V, tokens_B_R[:, a:b], a, b)
-        ratio_B_T = health.update(student_logits_B_T_V, tokens_B_R[:, a:b], a, b)
-        if ratio_B_T is not None and cfg.kind == "sampled" and cfg.tis_cap is not None:
-            values_B_T = values_B_T * ratio_B_T.clamp(max=cfg.tis_cap)
+        values_B_T = health.update(student_logits_B_T_V, tokens_B_R[:, a:b], a, b, values_B_T, cfg)
         loss = token_mean_over_batch(values_B_T, loss_mask_B_R[:, a:b], n_total)
         if loss.requires_grad:
             loss.backward()
@@ -138,17 +133,25 @@ class EngineHealth:
         self.mask_B_R = rollouts.response_mask_B_R.to(device)
         self.delta_sum, self.delta_max, self.tokens = 0.0, 0.0, 0
 
-    @torch.no_grad()
-    def update(self, student_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor, a: int,
-               b: int) -> torch.Tensor | None:
-        """Add positions [a, b) to the tally; return the importance ratio exp(delta) (b, T), 1 off the response,
-        or None when the engine gave no log-probs."""
+    def update(self, student_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor, a: int, b: int,
+               values_B_T: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+        """Add positions [a, b) to the tally and return the chunk's per-token loss ``values_B_T``, weighted by the
+        truncated importance ratio min(exp(delta), loss.tis_cap) with ``loss.kind=sampled`` and a cap."""
         if self.engine_logp_B_R is None:
-            return None
+            return values_B_T
+        ratio_B_T = self._delta(student_logits_B_T_V, tokens_B_T, a, b).exp()
+        if cfg.kind == "sampled" and cfg.tis_cap is not None:
+            return values_B_T * ratio_B_T.clamp(max=cfg.tis_cap)
+        return values_B_T
+
+    @torch.no_grad()
+    def _delta(self, student_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """delta = log p_trainer(y) - log p_engine(y) at positions [a, b) (0 off the response), tallied."""
+        assert self.engine_logp_B_R is not None
         trainer_logp_B_T = token_logprobs(student_logits_B_T_V.detach(), tokens_B_T)
         mask_B_T = self.mask_B_R[:, a:b]
         delta_B_T = torch.where(mask_B_T, trainer_logp_B_T - self.engine_logp_B_R[:, a:b], 0.0)
         self.delta_sum += float(delta_B_T.abs().sum())
         self.delta_max = max(self.delta_max, float(delta_B_T.abs().max())) if delta_B_T.numel() else self.delta_max
         self.tokens += int(mask_B_T.sum())
-        return delta_B_T.exp()
+        return delta_B_T

@@ -26,13 +26,18 @@ def test_gpu_step_tiny_on_cpu(script, tmp_path, monkeypatch):
     out = tmp_path / "out.json"
     monkeypatch.chdir(BENCHMARKS.parent)  # the script reads configs/quickstart.yaml
     gpu_step.main(["--tiny", "--device", "cpu", "--tokenizer", str(tok), "--data", str(data), "--batch", "2",
-                   "--n", "4", "--T", "6", "--micro", "2", "--esr-steps", "1", "--sweep", "4", "--json", str(out)])
+                   "--n", "4", "--T", "6", "--micro", "2", "--esr-steps", "1", "--sweep", "4", "--json", str(out),
+                   "--engine", "hf", "hf-compiled"])
     figures = json.loads(out.read_text())
     assert set(figures["results"]) == {"esr ESR N=4, batch 2", "floor N=4, batch 2", "esr ESR N=4, batch 4",
-                                       "esr full T=6, batch 2", "floor T=6, batch 2"}
+                                       "esr full T=6, batch 2", "floor T=6, batch 2",
+                                       "esr[hf-compiled] ESR N=4, batch 2"}
     for name, r in figures["results"].items():
         assert r["generate"] > 0 and r["train"] > 0 and r["wall"] >= r["total"] * 0.5, name
     esr, floor = figures["results"]["esr ESR N=4, batch 2"], figures["results"]["floor N=4, batch 2"]
     assert figures["ratios"]["esr ESR / floor"] == pytest.approx(esr["wall"] / floor["wall"])
     assert figures["env"]["tiny"] is True and figures["env"]["dtype"] == "torch.float32"
     assert "esr RowSampling (whole)" in figures["env"]["sampler_ms_per_token"]
+    compiled = figures["results"]["esr[hf-compiled] ESR N=4, batch 2"]
+    assert figures["ratios"]["esr[hf-compiled] / esr[hf] ESR N=4"] == pytest.approx(compiled["wall"] / esr["wall"])
+    assert figures["env"]["engine_warmup_s"]["hf-compiled"] > 0 and figures["env"]["rollout_dtype"] == "auto"
