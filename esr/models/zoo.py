@@ -145,7 +145,7 @@ def _convert(gguf: Path, out: Path, bar: Progress) -> None:
     # transformers draws its own tqdm bar on stderr while dequantizing; the rich line above stands in for it.
     with contextlib.redirect_stderr(io.StringIO()):
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = gguf_tokenizer(gguf)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not serializable") until it forgets
     # its quantizer; the weights are already plain fp32 tensors. Dropping the config entry keeps a reload from
     # looking for a GGUF file again.
@@ -159,6 +159,20 @@ def _convert(gguf: Path, out: Path, bar: Progress) -> None:
     bar.update(task, total=1, completed=1, description="converted GGUF to fp32 safetensors")
 
 
+def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer in a GGUF file, adding BOS where the file says the model wants it
+    (``tokenizer.ggml.add_bos_token``): transformers 5.19 converts Gemma-3's tokenizer without it (5.25 with it),
+    and a prompt without ``<bos>`` is off-format for Gemma."""
+    import gguf as gguf_lib
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    field = gguf_lib.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
+    wants_bos = field is not None and bool(field.parts[field.data[0]][0])
+    if wants_bos and tokenizer.bos_token_id is not None and not getattr(tokenizer, "add_bos_token", True):
+        tokenizer.add_bos_token = True
+    return tokenizer
+
+
 def preset_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """A real preset's tokenizer without converting the model: from the converted folder if cached, else read from
     the GGUF once (seconds) and kept under `cache_root()/tokenizers/<name>/`."""
@@ -168,8 +182,7 @@ def preset_tokenizer(name: str) -> PreTrainedTokenizerBase:
     folder = _tokenizer_dir(name)
     if not folder.is_dir():
         with progress_bar(False, byte_counts=True) as bar, _gguf(preset, bar) as gguf, atomic_dir(folder) as tmp:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tokenizer.save_pretrained(tmp)
+            gguf_tokenizer(gguf).save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(folder)
 
 

