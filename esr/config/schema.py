@@ -106,6 +106,10 @@ class VllmConfig:
     kv_cache_gib: float = 1.0
     """`rollout.engine=vllm` and `teacher.engine=vllm`: GiB reserved for the KV cache (vLLM's own default takes 92%
     of a CPU machine's RAM)."""
+    lora_sync: Literal["merged", "adapter"] = "merged"
+    """`rollout.engine=vllm` with LoRA: `merged` reloads the adapted layers' merged weights W + scale * B @ A in place
+    every step (the engine samples at its plain speed), `adapter` hands the adapter over as a new LoRARequest
+    (vLLM applies it at run time: 1.8x slower sampling on the CPU, BENCHMARKS.md)."""
     max_model_len: int | None = None
     """`rollout.engine=vllm` and `teacher.engine=vllm`: the engines' context length; None: the longest prompt plus
     rollout.max_new_tokens."""

@@ -28,20 +28,23 @@ PAIR = ["student.name=tiny-qwen", "teacher.name=tiny-teacher-qwen", "rollout.eng
         "rollout.vllm.kv_cache_gib=1", "data.max_prompt_tokens=200", "rollout.vllm.max_model_len=256"]
 
 
-def _sampler(finetune: str, **rollout) -> tuple[VLLMSampler, torch.nn.Module, list[int], int]:
+def _sampler(finetune: str, lora_sync: str = "merged", **rollout) -> tuple[VLLMSampler, torch.nn.Module, list[int],
+                                                                           int]:
     model, tok = load_model("tiny-qwen")
     eos = eos_token_ids(tok, model)
     ctx = EngineContext(source=resolvable_base("tiny-qwen"), finetune=finetune, lora_rank=8,
                         train_dtype=torch.float32, max_model_len=256)
-    cfg = dataclasses.replace(RolloutConfig(), vllm=dataclasses.replace(RolloutConfig().vllm, kv_cache_gib=1),
-                              **rollout)
+    cfg = dataclasses.replace(RolloutConfig(), **rollout,
+                              vllm=dataclasses.replace(RolloutConfig().vllm, kv_cache_gib=1, lora_sync=lora_sync))
     return VLLMSampler(cfg, eos_token_ids=eos, pad_token_id=tok.pad_token_id, context=ctx), model, eos, \
         tok.pad_token_id
 
 
-@pytest.fixture(scope="module")
-def lora_engine():
-    sampler, model, eos, pad = _sampler("lora")
+@pytest.fixture(scope="module", params=["merged", "adapter"])
+def lora_engine(request):
+    """LoRA synced both ways: merged weights reloaded in place (default) and a LoRARequest per step."""
+    sampler, model, eos, pad = _sampler("lora", request.param)
+    assert sampler.lora == (request.param == "adapter")
     model = apply_lora(model, r=8, alpha=16, dropout=0.0, targets="all-linear")
     yield sampler, model, eos, pad
     sampler.close()
