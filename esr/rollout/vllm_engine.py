@@ -8,7 +8,8 @@ Per step (``esr.train.loop._sample``):
                             then the prefix cache, which holds KV computed with the old weights, is cleared.
                             ``lora_sync=adapter``: the adapter is saved to a fresh folder and handed over as a new
                             ``LoRARequest`` (a new id per step: no stale adapter, no stale prefix-cache entry), and
-                            vLLM applies it at run time, which on the CPU makes sampling 1.8x slower.
+                            vLLM applies it at run time, which on the CPU made sampling 1.9x (fp32) to 2.2x (bf16)
+                            slower (benchmarks/vllm_sampling.py).
     sample(prompts, N)      one request per row, fed token ids (no re-tokenisation), seeded per row, at most N
                             tokens, stopping at the run's EOS ids (``esr.rollout.requests`` is the contract), and
                             the engine's raw log-prob of every sampled token in ``Rollouts.logprobs_B_R``.
