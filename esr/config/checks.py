@@ -1,6 +1,6 @@
-"""The checks of one part of the config at a time that ``schema._check_consistency`` runs: EffOPD's settings, a
-remote teacher, and the rollout and teacher engines. Kept apart from the tree itself so ``schema`` stays the list of
-keys a user reads."""
+"""The checks of one part of the config at a time that ``schema._check_consistency`` runs: the loss, a remote
+teacher, and the rollout and teacher engines (each number's own range is checked by ``esr.config.ranges``). Kept
+apart from the tree itself so ``schema`` stays the list of keys a user reads."""
 
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ from esr.errors import EsrError
 
 class ConfigError(EsrError, ValueError):
     """A config key is unknown, or a value is invalid or contradicts another."""
-
-
-def check_extrapolate(x: Any) -> None:
-    if x.every < 1 or x.max_tries < 1 or x.probe_size < 1 or (x.probe_tokens is not None and x.probe_tokens < 1):
-        raise ConfigError("optim.extrapolate.every, .max_tries, .probe_size and .probe_tokens must be at least 1")
-    if not 0.0 < x.alpha < float("inf"):
-        raise ConfigError(f"optim.extrapolate.alpha must be a finite number > 0, got {x.alpha}")
-    if x.min_improvement < 0:
-        raise ConfigError(f"optim.extrapolate.min_improvement must be >= 0, got {x.min_improvement}")
 
 
 TEACHER_SCORE_SELECTORS = ("top-kl-n", "top-teacher-entropy-n", "kl*hs", "ht*hs", "kl*ht*hs")
@@ -45,9 +36,6 @@ def check_remote_teacher(cfg: Any) -> None:
     if tc.token_env is not None and (not tc.token_env.isidentifier() or not tc.token_env.isascii()):
         raise ConfigError(f"teacher.token_env must name an environment variable (like ESR_TEACHER_TOKEN), not "
                           f"hold the token itself; got a value that is not a variable name ({len(tc.token_env)} chars)")
-    if not 0.0 < tc.timeout_s < float("inf") or tc.retries < 0 or tc.max_batch_sequences < 1:
-        raise ConfigError("teacher.timeout_s must be a finite number > 0, teacher.retries >= 0 and teacher."
-                          f"max_batch_sequences >= 1; got {tc.timeout_s}, {tc.retries}, {tc.max_batch_sequences}")
     why = "a remote teacher (teacher.url) returns only log p_t of the sampled tokens and the top-k"
     local = "or drop teacher.url to load the teacher locally"
     if loss.kind not in ("sampled", "topk"):
@@ -69,8 +57,8 @@ def check_remote_teacher(cfg: Any) -> None:
 
 
 def check_loss(loss: Any, select_type: Any) -> None:
-    """``loss``'s values: the cross-tokenizer mode against the kind, beta, the selector (``select_type``: the
-    ``Select`` literal) and the position weighting."""
+    """``loss``'s settings: the cross-tokenizer mode against the kind, and the selector (``select_type``: the
+    ``Select`` literal; its numbers are checked by their ranges, esr/config/ranges.py)."""
     x, kind = loss.cross_tokenizer, loss.kind
     if x == "aligned-exact" and kind == "sampled":
         raise ConfigError("loss.cross_tokenizer=aligned-exact trains full distributions; with loss.kind=sampled use "
@@ -82,16 +70,11 @@ def check_loss(loss: Any, select_type: Any) -> None:
     if x == "span-sampled" and kind not in ("reverse_kl", "sampled"):
         raise ConfigError(f"loss.cross_tokenizer=span-sampled is a sampled estimate of reverse KL; loss.kind={kind} "
                           "needs full distributions: use loss.cross_tokenizer=aligned-exact")
-    if not 0.0 <= loss.beta <= 1.0:
-        raise ConfigError(f"loss.beta must be in [0, 1], got {loss.beta}")
     selectors = typing.get_args(select_type)  # checked here too: a LossConfig built in code skips from_dict's check
     if loss.select not in selectors:
         close = difflib.get_close_matches(str(loss.select), selectors, n=1, cutoff=0.4)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"loss.select={loss.select!r} is not one of {', '.join(selectors)}.{hint}")
-    if not 0.0 <= loss.position_gamma < float("inf"):
-        raise ConfigError(f"loss.position_gamma must be a finite number >= 0 (0: no position weighting), "
-                          f"got {loss.position_gamma}")
 
 
 VLLM_ENGINES = ("vllm", "vllm-server")
@@ -131,16 +114,7 @@ def check_engines(cfg: Any) -> None:
     if cfg.train.fsdp and (r.engine == "hf-compiled" or r.dtype != "auto"):
         raise ConfigError("train.fsdp samples with the sharded student itself (rollout.engine=hf, rollout.dtype=auto): "
                           "a compiled decode step or a sample-dtype copy of the whole student is not supported there")
-    if not 0.0 < v.kv_cache_gib < float("inf") or not 0.0 < v.timeout_s < float("inf") or v.retries < 0:
-        raise ConfigError("rollout.vllm.kv_cache_gib and rollout.vllm.timeout_s must be finite numbers > 0 and "
-                          f"rollout.vllm.retries >= 0; got {v.kv_cache_gib}, {v.timeout_s}, {v.retries}")
-    if v.max_model_len is not None and v.max_model_len < 2:
-        raise ConfigError(f"rollout.vllm.max_model_len must be at least 2, got {v.max_model_len}")
-    if loss.top_k < 1:
-        raise ConfigError(f"loss.top_k must be at least 1, got {loss.top_k}")
     if loss.tis_cap is not None:
-        if not 1.0 <= loss.tis_cap < float("inf"):
-            raise ConfigError(f"loss.tis_cap must be a finite number >= 1 (TRL uses 2-3), got {loss.tis_cap}")
         if loss.kind != "sampled":
             raise ConfigError(f"loss.tis_cap corrects the sampled estimator (loss.kind=sampled); loss.kind="
                               f"{loss.kind} uses the trainer's own distribution at every position: drop loss.tis_cap")
