@@ -23,37 +23,37 @@ names "kl" or "ht" for exactly these): a remote teacher, which returns log p_t o
 def check_remote_teacher(cfg: Any) -> None:
     """With ``teacher.url`` only what needs log p_t of the sampled tokens, or their top-k, can run
     (esr/train/remote_teacher.py)."""
-    tc, loss = cfg.teacher, cfg.loss
-    url = tc.url or ""
-    scheme, _, rest = url.partition("://")
-    host = rest.split("/", 1)[0]
-    if scheme not in ("http", "https") or not host:
-        raise ConfigError(f"teacher.url={url!r} is not an http(s) URL: write it like http://HOST:8000")
-    if "@" in host:
-        raise ConfigError("teacher.url must not hold credentials (user:password@): they would be written to the run's "
-                          "config.yaml. Put the bearer token in an environment variable and name it in "
-                          "teacher.token_env")
+    tc = cfg.teacher
+    check_url("teacher.url", tc.url or "", ". Put the bearer token in an environment variable and name it in "
+                                           "teacher.token_env")
     if tc.token_env is not None and (not tc.token_env.isidentifier() or not tc.token_env.isascii()):
         raise ConfigError(f"teacher.token_env must name an environment variable (like ESR_TEACHER_TOKEN), not "
                           f"hold the token itself; got a value that is not a variable name ({len(tc.token_env)} chars)")
-    why = "a remote teacher (teacher.url) returns only log p_t of the sampled tokens and the top-k"
-    local = "or drop teacher.url to load the teacher locally"
+    check_partial_teacher(cfg, "a remote teacher (teacher.url) returns only log p_t of the sampled tokens and the "
+                               "top-k", "or drop teacher.url to load the teacher locally")
+
+
+def check_partial_teacher(cfg: Any, why: str, instead: str) -> None:
+    """A teacher that gives log p_t of the sampled tokens and its top-k, not its distribution (a server at
+    ``teacher.url``, ``teacher.engine=vllm``): refuse the loss, selector, cross-tokenizer mode and EffOPD probe that
+    need the distribution. ``why`` says what the teacher gives, ``instead`` the other way out (after the fix)."""
+    loss = cfg.loss
     if loss.kind not in ("sampled", "topk"):
         raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
                           f"loss.kind=sampled (the policy-gradient estimator of reverse KL) or loss.kind=topk (reverse "
-                          f"KL over the teacher's top loss.top_k tokens plus a tail), {local}")
+                          f"KL over the teacher's top loss.top_k tokens plus a tail), {instead}")
     if loss.select in TEACHER_SCORE_SELECTORS:
         raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
-                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {local}")
+                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {instead}")
     if loss.cross_tokenizer is not None:
         raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer} needs the teacher's tokenizer and hidden "
-                          f"states here, but {why}: serve a teacher that shares the student's tokenizer and unset "
-                          f"loss.cross_tokenizer, {local}")
+                          f"states here, but {why}: use a teacher that shares the student's tokenizer (it scores the "
+                          f"student's own token ids) and unset loss.cross_tokenizer, {instead}")
     x = cfg.optim.extrapolate
     if x.enabled and x.probe == "reverse_kl":
         raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
                           f"{why}: set optim.extrapolate.probe=eval (an eval.task metric), "
-                          f"optim.extrapolate.enabled=false, {local}")
+                          f"optim.extrapolate.enabled=false, {instead}")
 
 
 def check_loss(loss: Any, select_type: Any) -> None:
@@ -126,7 +126,7 @@ def check_engines(cfg: Any) -> None:
 
 def check_teacher_engine(cfg: Any) -> None:
     """``teacher.engine`` against the rest: a vLLM teacher gives top-k and sampled-token log-probs only."""
-    tc, loss = cfg.teacher, cfg.loss
+    tc = cfg.teacher
     engine = getattr(tc, "engine", "hf")  # a plain ModelConfig (built in code) is a local hf teacher
     if engine == "vllm-server" and tc.url is None:
         raise ConfigError("teacher.engine=vllm-server needs teacher.url, the server's address, e.g. "
@@ -139,31 +139,21 @@ def check_teacher_engine(cfg: Any) -> None:
     if tc.url is not None:
         raise ConfigError("teacher.engine=vllm runs the teacher in this process, but teacher.url names a server: "
                           "set teacher.engine=vllm-server to score on that server, or drop teacher.url")
-    why = "teacher.engine=vllm gives the teacher's top-k and sampled-token log-probs, not its full distribution"
     hf = "or set teacher.engine=hf"
-    if loss.kind not in ("sampled", "topk"):
-        raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
-                          f"loss.kind=topk or loss.kind=sampled, {hf}")
-    if loss.select in TEACHER_SCORE_SELECTORS:
-        raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
-                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {hf}")
-    if loss.cross_tokenizer is not None:
-        raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer}: teacher.engine=vllm scores the student's own "
-                          f"token ids: unset loss.cross_tokenizer, {hf}")
-    if cfg.optim.extrapolate.enabled and cfg.optim.extrapolate.probe == "reverse_kl":
-        raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
-                          f"{why}: set optim.extrapolate.probe=eval, {hf}")
+    check_partial_teacher(cfg, "teacher.engine=vllm gives the teacher's top-k and sampled-token log-probs, not its "
+                               "full distribution", hf)
     if cfg.train.fsdp:
         raise ConfigError(f"teacher.engine=vllm scores beside one training process; train.fsdp shards over several: "
                           f"{hf} with train.fsdp")
 
 
-def check_url(key: str, url: str) -> None:
-    """An http(s) URL without credentials (they would be written to the run's config.yaml)."""
+def check_url(key: str, url: str, credentials_hint: str = "") -> None:
+    """An http(s) URL without credentials (they would be written to the run's config.yaml); ``credentials_hint``
+    ends that message with where they go instead."""
     scheme, _, rest = url.partition("://")
     host = rest.split("/", 1)[0]
     if scheme not in ("http", "https") or not host:
         raise ConfigError(f"{key}={url!r} is not an http(s) URL: write it like http://HOST:8000")
     if "@" in host:
         raise ConfigError(f"{key} must not hold credentials (user:password@): they would be written to the run's "
-                          "config.yaml")
+                          f"config.yaml{credentials_hint}")
