@@ -10,6 +10,7 @@ from pathlib import Path
 from esr.cli_diagnostics import add_parsers as add_diagnostic_parsers
 from esr.cli_diagnostics import run_analysis, run_probe
 from esr.cli_serve import add_serve_parser, run_serve
+from esr.config.ranges import COUNT, NON_NEGATIVE, SEED, SHARE, argument
 from esr.errors import EsrError
 
 EXAMPLES = """examples:
@@ -47,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = verbs.add_parser("generate", help="sample from a model, preset or checkpoint")
     g.add_argument("model", help="zoo preset, local folder, checkpoint folder or hub id")
     g.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=argument(COUNT), default=256)
+    g.add_argument("--temperature", type=argument(NON_NEGATIVE, float), default=0.7, help="0 means greedy")
+    g.add_argument("--top-p", type=argument(SHARE, float), default=1.0)
+    g.add_argument("--seed", type=argument(SEED), default=0)
     g.add_argument("--trust-remote-code", action="store_true", help="run Python shipped with a hub model")
     g.add_argument("--allow-pickle", action="store_true", help="load pickle weights (.bin/.pt): they can run code")
 
@@ -59,12 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", required=True,
                    help="gsm_symbolic | gsm8k | math500 | jsonl (the last three with --path) | humaneval | bfcl:<cat>")
     e.add_argument("--path", help="JSONL file of a gsm8k, math500 or jsonl task")
-    e.add_argument("--n", type=int, default=1, help="samples per problem (avg@n, pass@n, maj@n)")
-    e.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (then --n 1)")
-    e.add_argument("--limit", type=int, help="evaluate the first LIMIT problems")
-    e.add_argument("--max-new-tokens", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=8, help="sequences generated together")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--n", type=argument(COUNT), default=1, help="samples per problem (avg@n, pass@n, maj@n)")
+    e.add_argument("--temperature", type=argument(NON_NEGATIVE, float), default=0.0, help="0 means greedy (then --n 1)")
+    e.add_argument("--limit", type=argument(COUNT), help="evaluate the first LIMIT problems")
+    e.add_argument("--max-new-tokens", type=argument(COUNT), default=512)
+    e.add_argument("--batch-size", type=argument(COUNT), default=8, help="sequences generated together")
+    e.add_argument("--seed", type=argument(SEED), default=0)
     e.add_argument("--out", type=Path, help="results folder (default eval/<model>-<task>, or RUN/eval/<task>)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--trust-remote-code", action="store_true", help="run Python shipped with a hub model")
@@ -160,6 +161,10 @@ def _eval(args: argparse.Namespace) -> int:
     from esr.eval.tasks import make_task
     from esr.models import load_model
 
+    if args.temperature == 0 and args.n > 1:  # before any model loads
+        print(f"esr: error: --n {args.n} greedy samples would all be the same: use --temperature > 0 or --n 1",
+              file=sys.stderr)
+        return 2
     task = make_task(args.task, path=args.path)
     targets = eval_targets(args.model)
     is_run = len(targets) > 1 or targets[0][0] != args.model

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from esr.config.ranges import COUNT, NON_NEGATIVE, SHARE, argument, at_least
+
 PROBE_EXAMPLES = """examples:
   esr probe kl-profile configs/quickstart.yaml --rollouts 16 --max-new-tokens 512     # per-position KL, pick N
   esr probe decay configs/quickstart.yaml --ks 0 25 50 100 200 --limit 16             # teacher from student prefixes
@@ -27,20 +29,21 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     kl = kinds.add_parser("kl-profile", help="per-position KL and entropies on student rollouts; recommends N",
                           epilog=PROBE_EXAMPLES, formatter_class=raw)
     kl.add_argument("config", help="a run config (its student, teacher and data are used)")
-    kl.add_argument("--rollouts", type=int, default=16)
-    kl.add_argument("--max-new-tokens", type=int, default=512)
-    kl.add_argument("--share", type=float, default=0.45, help="recommend N where cumulative KL reaches this share")
-    kl.add_argument("--bucket", type=int, default=10, help="positions per bucket in the plot")
+    kl.add_argument("--rollouts", type=argument(COUNT), default=16)
+    kl.add_argument("--max-new-tokens", type=argument(COUNT), default=512)
+    kl.add_argument("--share", type=argument(SHARE, float), default=0.45,
+                    help="recommend N where cumulative KL reaches this share")
+    kl.add_argument("--bucket", type=argument(COUNT), default=10, help="positions per bucket in the plot")
     kl.add_argument("--out", type=Path, default=Path("probes/kl-profile"))
     decay = kinds.add_parser("decay", help="teacher accuracy when continuing k-token student prefixes",
                              epilog=PROBE_EXAMPLES, formatter_class=raw)
     decay.add_argument("config", help="a run config (its student and teacher are used)")
-    decay.add_argument("--ks", type=int, nargs="+", default=[0, 25, 50, 100, 200, 300])
+    decay.add_argument("--ks", type=argument(at_least(0)), nargs="+", default=[0, 25, 50, 100, 200, 300])
     decay.add_argument("--task", default="gsm_symbolic")
-    decay.add_argument("--limit", type=int, default=16)
-    decay.add_argument("--n", type=int, default=1)
-    decay.add_argument("--temperature", type=float, default=0.0)
-    decay.add_argument("--max-new-tokens", type=int, default=384)
+    decay.add_argument("--limit", type=argument(COUNT), default=16)
+    decay.add_argument("--n", type=argument(COUNT), default=1)
+    decay.add_argument("--temperature", type=argument(NON_NEGATIVE, float), default=0.0)
+    decay.add_argument("--max-new-tokens", type=argument(COUNT), default=384)
     decay.add_argument("--mirror", action="store_true", help="the student continues k-token teacher prefixes")
     decay.add_argument("--out", type=Path, default=Path("probes/decay"))
 
@@ -50,22 +53,23 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     cascade = kinds.add_parser("cascade", help="per-position KL before vs after training", epilog=ANALYZE_EXAMPLES,
                                formatter_class=raw)
     cascade.add_argument("run", type=Path)
-    cascade.add_argument("--n", type=int, help="the trained window (default: the run's rollout.n under ESR)")
+    cascade.add_argument("--n", type=argument(COUNT),
+                         help="the trained window (default: the run's rollout.n under ESR)")
     modes = kinds.add_parser("modes", help="sub-mode commitment on top-KL tokens, length percentiles",
                              epilog=ANALYZE_EXAMPLES, formatter_class=raw)
     modes.add_argument("run", type=Path)
     modes.add_argument("--against", type=Path, action="append", default=[], help="another run to compare")
-    modes.add_argument("--top-share", type=float, default=0.10)
+    modes.add_argument("--top-share", type=argument(SHARE, float), default=0.10)
     modes.add_argument("--fresh", action="store_true",
                        help="sample every model again (default: keep the rows of OUT/modes.json made the same way)")
     tokens = kinds.add_parser("tokens", help="KL by token category and position range", epilog=ANALYZE_EXAMPLES,
                               formatter_class=raw)
     tokens.add_argument("target", help="a run folder (its last checkpoint) or a model spec (then --teacher)")
     tokens.add_argument("--teacher", help="teacher spec when TARGET is a model")
-    tokens.add_argument("--top", type=int, default=30)
+    tokens.add_argument("--top", type=argument(COUNT), default=30)
     for p in (cascade, modes, tokens):
-        p.add_argument("--rollouts", type=int, default=16)
-        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--rollouts", type=argument(COUNT), default=16)
+        p.add_argument("--max-new-tokens", type=argument(COUNT), default=512)
         p.add_argument("--out", type=Path, help="output folder (default RUN/analysis)")
     for p in (kl, decay, cascade, modes, tokens):
         p.add_argument("--no-progress", action="store_true")

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from esr.config.ranges import COUNT, POSITIVE, argument, at_least, between
 from esr.errors import EsrError
 from esr.serve import DEFAULT_TOKEN_ENV
 
@@ -33,13 +34,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="zoo preset, local folder, checkpoint folder or hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=argument(between(1, 65535)), default=8000)
     p.add_argument("--token-env", metavar="VAR",
                    help=f"environment variable holding the bearer token (default {DEFAULT_TOKEN_ENV}, if set)")
-    p.add_argument("--max-request-mb", type=float, default=16.0, help="largest request body, MiB (413 above)")
-    p.add_argument("--max-batch-tokens", type=int, default=8192,
+    p.add_argument("--max-request-mb", type=argument(POSITIVE, float), default=16.0,
+                   help="largest request body, MiB (413 above)")
+    p.add_argument("--max-batch-tokens", type=argument(COUNT), default=8192,
                    help="padded tokens per forward pass; also the longest sequence accepted")
-    p.add_argument("--max-top-k", type=int, default=20, help="largest top_k / prompt_logprobs a request may ask")
+    p.add_argument("--max-top-k", type=argument(at_least(0)), default=20,
+                   help="largest top_k / prompt_logprobs a request may ask")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--trust-remote-code", action="store_true")

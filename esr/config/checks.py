@@ -1,6 +1,6 @@
-"""The checks of one part of the config at a time that ``schema._check_consistency`` runs: EffOPD's settings, a
-remote teacher, and the rollout and teacher engines. Kept apart from the tree itself so ``schema`` stays the list of
-keys a user reads."""
+"""The checks of one part of the config at a time that ``schema._check_consistency`` runs: the loss, a remote
+teacher, and the rollout and teacher engines (each number's own range is checked by ``esr.config.ranges``). Kept
+apart from the tree itself so ``schema`` stays the list of keys a user reads."""
 
 from __future__ import annotations
 
@@ -15,15 +15,6 @@ class ConfigError(EsrError, ValueError):
     """A config key is unknown, or a value is invalid or contradicts another."""
 
 
-def check_extrapolate(x: Any) -> None:
-    if x.every < 1 or x.max_tries < 1 or x.probe_size < 1 or (x.probe_tokens is not None and x.probe_tokens < 1):
-        raise ConfigError("optim.extrapolate.every, .max_tries, .probe_size and .probe_tokens must be at least 1")
-    if not 0.0 < x.alpha < float("inf"):
-        raise ConfigError(f"optim.extrapolate.alpha must be a finite number > 0, got {x.alpha}")
-    if x.min_improvement < 0:
-        raise ConfigError(f"optim.extrapolate.min_improvement must be >= 0, got {x.min_improvement}")
-
-
 TEACHER_SCORE_SELECTORS = ("top-kl-n", "top-teacher-entropy-n", "kl*hs", "ht*hs", "kl*ht*hs")
 """`loss.select` values that rank tokens by the teacher's distribution (KL or H(p_t); ``esr.losses.needed_scores``
 names "kl" or "ht" for exactly these): a remote teacher, which returns log p_t of sampled tokens only, cannot."""
@@ -32,45 +23,42 @@ names "kl" or "ht" for exactly these): a remote teacher, which returns log p_t o
 def check_remote_teacher(cfg: Any) -> None:
     """With ``teacher.url`` only what needs log p_t of the sampled tokens, or their top-k, can run
     (esr/train/remote_teacher.py)."""
-    tc, loss = cfg.teacher, cfg.loss
-    url = tc.url or ""
-    scheme, _, rest = url.partition("://")
-    host = rest.split("/", 1)[0]
-    if scheme not in ("http", "https") or not host:
-        raise ConfigError(f"teacher.url={url!r} is not an http(s) URL: write it like http://HOST:8000")
-    if "@" in host:
-        raise ConfigError("teacher.url must not hold credentials (user:password@): they would be written to the run's "
-                          "config.yaml. Put the bearer token in an environment variable and name it in "
-                          "teacher.token_env")
+    tc = cfg.teacher
+    check_url("teacher.url", tc.url or "", ". Put the bearer token in an environment variable and name it in "
+                                           "teacher.token_env")
     if tc.token_env is not None and (not tc.token_env.isidentifier() or not tc.token_env.isascii()):
         raise ConfigError(f"teacher.token_env must name an environment variable (like ESR_TEACHER_TOKEN), not "
                           f"hold the token itself; got a value that is not a variable name ({len(tc.token_env)} chars)")
-    if not 0.0 < tc.timeout_s < float("inf") or tc.retries < 0 or tc.max_batch_sequences < 1:
-        raise ConfigError("teacher.timeout_s must be a finite number > 0, teacher.retries >= 0 and teacher."
-                          f"max_batch_sequences >= 1; got {tc.timeout_s}, {tc.retries}, {tc.max_batch_sequences}")
-    why = "a remote teacher (teacher.url) returns only log p_t of the sampled tokens and the top-k"
-    local = "or drop teacher.url to load the teacher locally"
+    check_partial_teacher(cfg, "a remote teacher (teacher.url) returns only log p_t of the sampled tokens and the "
+                               "top-k", "or drop teacher.url to load the teacher locally")
+
+
+def check_partial_teacher(cfg: Any, why: str, instead: str) -> None:
+    """A teacher that gives log p_t of the sampled tokens and its top-k, not its distribution (a server at
+    ``teacher.url``, ``teacher.engine=vllm``): refuse the loss, selector, cross-tokenizer mode and EffOPD probe that
+    need the distribution. ``why`` says what the teacher gives, ``instead`` the other way out (after the fix)."""
+    loss = cfg.loss
     if loss.kind not in ("sampled", "topk"):
         raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
                           f"loss.kind=sampled (the policy-gradient estimator of reverse KL) or loss.kind=topk (reverse "
-                          f"KL over the teacher's top loss.top_k tokens plus a tail), {local}")
+                          f"KL over the teacher's top loss.top_k tokens plus a tail), {instead}")
     if loss.select in TEACHER_SCORE_SELECTORS:
         raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
-                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {local}")
+                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {instead}")
     if loss.cross_tokenizer is not None:
         raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer} needs the teacher's tokenizer and hidden "
-                          f"states here, but {why}: serve a teacher that shares the student's tokenizer and unset "
-                          f"loss.cross_tokenizer, {local}")
+                          f"states here, but {why}: use a teacher that shares the student's tokenizer (it scores the "
+                          f"student's own token ids) and unset loss.cross_tokenizer, {instead}")
     x = cfg.optim.extrapolate
     if x.enabled and x.probe == "reverse_kl":
         raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
                           f"{why}: set optim.extrapolate.probe=eval (an eval.task metric), "
-                          f"optim.extrapolate.enabled=false, {local}")
+                          f"optim.extrapolate.enabled=false, {instead}")
 
 
 def check_loss(loss: Any, select_type: Any) -> None:
-    """``loss``'s values: the cross-tokenizer mode against the kind, beta, the selector (``select_type``: the
-    ``Select`` literal) and the position weighting."""
+    """``loss``'s settings: the cross-tokenizer mode against the kind, and the selector (``select_type``: the
+    ``Select`` literal; its numbers are checked by their ranges, esr/config/ranges.py)."""
     x, kind = loss.cross_tokenizer, loss.kind
     if x == "aligned-exact" and kind == "sampled":
         raise ConfigError("loss.cross_tokenizer=aligned-exact trains full distributions; with loss.kind=sampled use "
@@ -82,16 +70,11 @@ def check_loss(loss: Any, select_type: Any) -> None:
     if x == "span-sampled" and kind not in ("reverse_kl", "sampled"):
         raise ConfigError(f"loss.cross_tokenizer=span-sampled is a sampled estimate of reverse KL; loss.kind={kind} "
                           "needs full distributions: use loss.cross_tokenizer=aligned-exact")
-    if not 0.0 <= loss.beta <= 1.0:
-        raise ConfigError(f"loss.beta must be in [0, 1], got {loss.beta}")
     selectors = typing.get_args(select_type)  # checked here too: a LossConfig built in code skips from_dict's check
     if loss.select not in selectors:
         close = difflib.get_close_matches(str(loss.select), selectors, n=1, cutoff=0.4)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"loss.select={loss.select!r} is not one of {', '.join(selectors)}.{hint}")
-    if not 0.0 <= loss.position_gamma < float("inf"):
-        raise ConfigError(f"loss.position_gamma must be a finite number >= 0 (0: no position weighting), "
-                          f"got {loss.position_gamma}")
 
 
 VLLM_ENGINES = ("vllm", "vllm-server")
@@ -131,16 +114,7 @@ def check_engines(cfg: Any) -> None:
     if cfg.train.fsdp and (r.engine == "hf-compiled" or r.dtype != "auto"):
         raise ConfigError("train.fsdp samples with the sharded student itself (rollout.engine=hf, rollout.dtype=auto): "
                           "a compiled decode step or a sample-dtype copy of the whole student is not supported there")
-    if not 0.0 < v.kv_cache_gib < float("inf") or not 0.0 < v.timeout_s < float("inf") or v.retries < 0:
-        raise ConfigError("rollout.vllm.kv_cache_gib and rollout.vllm.timeout_s must be finite numbers > 0 and "
-                          f"rollout.vllm.retries >= 0; got {v.kv_cache_gib}, {v.timeout_s}, {v.retries}")
-    if v.max_model_len is not None and v.max_model_len < 2:
-        raise ConfigError(f"rollout.vllm.max_model_len must be at least 2, got {v.max_model_len}")
-    if loss.top_k < 1:
-        raise ConfigError(f"loss.top_k must be at least 1, got {loss.top_k}")
     if loss.tis_cap is not None:
-        if not 1.0 <= loss.tis_cap < float("inf"):
-            raise ConfigError(f"loss.tis_cap must be a finite number >= 1 (TRL uses 2-3), got {loss.tis_cap}")
         if loss.kind != "sampled":
             raise ConfigError(f"loss.tis_cap corrects the sampled estimator (loss.kind=sampled); loss.kind="
                               f"{loss.kind} uses the trainer's own distribution at every position: drop loss.tis_cap")
@@ -152,7 +126,7 @@ def check_engines(cfg: Any) -> None:
 
 def check_teacher_engine(cfg: Any) -> None:
     """``teacher.engine`` against the rest: a vLLM teacher gives top-k and sampled-token log-probs only."""
-    tc, loss = cfg.teacher, cfg.loss
+    tc = cfg.teacher
     engine = getattr(tc, "engine", "hf")  # a plain ModelConfig (built in code) is a local hf teacher
     if engine == "vllm-server" and tc.url is None:
         raise ConfigError("teacher.engine=vllm-server needs teacher.url, the server's address, e.g. "
@@ -165,31 +139,21 @@ def check_teacher_engine(cfg: Any) -> None:
     if tc.url is not None:
         raise ConfigError("teacher.engine=vllm runs the teacher in this process, but teacher.url names a server: "
                           "set teacher.engine=vllm-server to score on that server, or drop teacher.url")
-    why = "teacher.engine=vllm gives the teacher's top-k and sampled-token log-probs, not its full distribution"
     hf = "or set teacher.engine=hf"
-    if loss.kind not in ("sampled", "topk"):
-        raise ConfigError(f"loss.kind={loss.kind} needs the teacher's full distribution, but {why}: set "
-                          f"loss.kind=topk or loss.kind=sampled, {hf}")
-    if loss.select in TEACHER_SCORE_SELECTORS:
-        raise ConfigError(f"loss.select={loss.select} ranks tokens by the teacher's distribution, but {why}: use "
-                          f"loss.select=all|first-n|last-n|middle-n|random-n|top-student-entropy-n, {hf}")
-    if loss.cross_tokenizer is not None:
-        raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer}: teacher.engine=vllm scores the student's own "
-                          f"token ids: unset loss.cross_tokenizer, {hf}")
-    if cfg.optim.extrapolate.enabled and cfg.optim.extrapolate.probe == "reverse_kl":
-        raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
-                          f"{why}: set optim.extrapolate.probe=eval, {hf}")
+    check_partial_teacher(cfg, "teacher.engine=vllm gives the teacher's top-k and sampled-token log-probs, not its "
+                               "full distribution", hf)
     if cfg.train.fsdp:
         raise ConfigError(f"teacher.engine=vllm scores beside one training process; train.fsdp shards over several: "
                           f"{hf} with train.fsdp")
 
 
-def check_url(key: str, url: str) -> None:
-    """An http(s) URL without credentials (they would be written to the run's config.yaml)."""
+def check_url(key: str, url: str, credentials_hint: str = "") -> None:
+    """An http(s) URL without credentials (they would be written to the run's config.yaml); ``credentials_hint``
+    ends that message with where they go instead."""
     scheme, _, rest = url.partition("://")
     host = rest.split("/", 1)[0]
     if scheme not in ("http", "https") or not host:
         raise ConfigError(f"{key}={url!r} is not an http(s) URL: write it like http://HOST:8000")
     if "@" in host:
         raise ConfigError(f"{key} must not hold credentials (user:password@): they would be written to the run's "
-                          "config.yaml")
+                          f"config.yaml{credentials_hint}")

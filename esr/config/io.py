@@ -142,9 +142,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
                               "save it as UTF-8") from None
-        data = _parse_yaml(text, str(path)) or {}
+        data = _config_mapping(_parse_yaml(text, str(path)), path)
     data = apply_overrides(data, overrides or [])
     return from_dict(data)
+
+
+def _config_mapping(data: Any, path: Path) -> dict[str, Any]:
+    """A config file's top level: a mapping with at least one key. An empty file would silently train the defaults'
+    (large) models, a list or a scalar means the file is something else."""
+    example = "a config is a YAML mapping of sections like `student: {name: tiny-student}`; start from " \
+              "configs/smoke.yaml (tiny models) or configs/quickstart.yaml"
+    if data is None or data == {}:
+        raise ConfigError(f"{path} is empty (no settings): {example}")
+    if not isinstance(data, dict):
+        what = "a list" if isinstance(data, list) else f"a single {type(data).__name__} ({str(data)[:40]!r})"
+        raise ConfigError(f"{path} holds {what}, not a mapping of settings: {example}")
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

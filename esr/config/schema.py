@@ -1,7 +1,8 @@
 """The run config: one frozen dataclass tree, and the checks that reject contradictory settings.
 
 Config is data: it is validated once at load and never written to at run time. Every field carries an attribute
-docstring (the string under it), which is what a user reads when a key is wrong.
+docstring (the string under it), which is what a user reads when a key is wrong, and every numeric field its range
+(``ranged(default, RANGE)``, esr/config/ranges.py), checked before anything loads.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from esr.config.checks import ConfigError, check_engines, check_extrapolate, check_loss, check_remote_teacher
+from esr.config.checks import ConfigError, check_engines, check_loss, check_remote_teacher
+from esr.config.ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Range, at_least, between, check_ranges, ranged
 
 Horizon = Literal["full", "esr", "progressive", "ratio"]
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled", "topk"]
@@ -55,11 +57,11 @@ class TeacherConfig(ModelConfig):
     token_env: str | None = None
     """Name of the environment variable holding the server's bearer token (never the token itself). None:
     ESR_TEACHER_TOKEN when it is set, else no token (as `esr serve-teacher` does)."""
-    timeout_s: float = 120.0
+    timeout_s: float = ranged(120.0, POSITIVE)
     """Seconds a request may wait for the server's answer before the step fails (not retried)."""
-    retries: int = 4
+    retries: int = ranged(4, at_least(0))
     """Retries of a request after a connection error, a 5xx or a 429, with exponential backoff."""
-    max_batch_sequences: int = 16
+    max_batch_sequences: int = ranged(16, at_least(1))
     """Sequences per HTTP request (a step's batch is sent in several requests when larger)."""
     engine: TeacherEngine = "hf"
     """What scores the rollouts: `hf` (the teacher loaded here, full distribution: every loss.kind; with
@@ -78,17 +80,17 @@ class DataConfig:
     """JSONL file for `gsm8k`, `math` and `jsonl` sources."""
     split: str = "train"
     """Split for `hf:` sources."""
-    size: int = 2000
+    size: int = ranged(2000, at_least(1))
     """How many problems the `gsm_symbolic` generator makes."""
-    limit: int | None = None
+    limit: int | None = ranged(None, at_least(1))
     """Use at most this many rows (after skipping malformed ones)."""
-    seed: int = 0
+    seed: int = ranged(0, SEED)
     """Seed of the generator and of the prompt order."""
     system_prompt: str | None = None
     """Optional system message put before every prompt."""
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     """Appended to each math question (not to `jsonl` prompts, which are used as written)."""
-    max_prompt_tokens: int = 512
+    max_prompt_tokens: int = ranged(512, at_least(1))
     """Prompts longer than this (in student tokens) are skipped and counted."""
 
 
@@ -99,18 +101,18 @@ class VllmConfig:
     STUDENT --enable-lora`, started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), e.g. `http://10.0.0.5:8000`."""
     model: str | None = None
     """The served base model's name in requests; None: the server's first model."""
-    timeout_s: float = 600.0
+    timeout_s: float = ranged(600.0, POSITIVE)
     """Seconds a request may wait for the server before the step fails."""
-    retries: int = 4
+    retries: int = ranged(4, at_least(0))
     """Retries after a connection error, a 5xx or a 429, with exponential backoff."""
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float = ranged(1.0, POSITIVE)
     """`rollout.engine=vllm` and `teacher.engine=vllm`: GiB reserved for the KV cache (vLLM's own default takes 92%
     of a CPU machine's RAM)."""
     lora_sync: Literal["merged", "adapter"] = "merged"
     """`rollout.engine=vllm` with LoRA: `merged` reloads the adapted layers' merged weights W + scale * B @ A in place
     every step (the engine samples at its plain speed), `adapter` hands the adapter over as a new LoRARequest
     (vLLM applies it at run time: on this CPU 1.9x slower sampling in fp32, 2.2x in bf16; BENCHMARKS.md)."""
-    max_model_len: int | None = None
+    max_model_len: int | None = ranged(None, at_least(2))
     """`rollout.engine=vllm` and `teacher.engine=vllm`: the engines' context length; None: the longest prompt plus
     rollout.max_new_tokens."""
 
@@ -119,25 +121,25 @@ class VllmConfig:
 class RolloutConfig:
     horizon: Horizon = "esr"
     """How many tokens each rollout may have: `esr` (N), `full` (T), `progressive` (POPD), `ratio` (TOPD)."""
-    n: int = 100
+    n: int = ranged(100, at_least(1))
     """ESR's N: the rollout stops after the first N new tokens (or at EOS)."""
-    max_new_tokens: int = 512
+    max_new_tokens: int = ranged(512, at_least(1))
     """T: the full-rollout length and the cap of every horizon."""
-    h0: int = 50
+    h0: int = ranged(50, at_least(1))
     """Progressive: the first horizon H_0."""
-    dh: int = 50
+    dh: int = ranged(50, at_least(0))
     """Progressive: horizon growth dH every `every` steps."""
-    every: int = 10
+    every: int = ranged(10, at_least(1))
     """Progressive: steps between growths (dk)."""
-    rho: float = 0.1
+    rho: float = ranged(0.1, between(0, 1, lo_open=True))
     """Ratio (TOPD): horizon = rho * T."""
-    min_new_tokens: int = 0
+    min_new_tokens: int = ranged(0, at_least(0))
     """Force at least this many new tokens (benchmarks use it to compare equal lengths)."""
-    temperature: float = 0.7
+    temperature: float = ranged(0.7, POSITIVE)
     """Sampling temperature (the paper's 0.7). The loss compares the untempered distributions."""
-    top_p: float = 1.0
+    top_p: float = ranged(1.0, between(0, 1, lo_open=True))
     """Nucleus sampling mass."""
-    batch_size: int | None = None
+    batch_size: int | None = ranged(None, at_least(1))
     """Sequences generated together; None generates the whole step's batch at once."""
     engine: RolloutEngine = "hf"
     """What samples the rollouts (esr/rollout/engine.py): `hf` (Hugging Face generate on the trainer's own model),
@@ -157,9 +159,9 @@ class LossConfig:
     gradient with advantage log p_t(y) - log p_s(y), for when only sampled-token log-probs exist) or `topk` (reverse
     KL over the teacher's top `loss.top_k` tokens plus one tail bucket, esr/losses/topk.py: what a vLLM teacher's
     top-k log-probs give; every teacher engine runs it, same tokenizer only; it lower-bounds the exact KL)."""
-    beta: float = 0.5
+    beta: float = ranged(0.5, PROBABILITY)
     """JSD interpolation: beta=0 is forward KL, beta=1 is reverse KL."""
-    chunk_size: int = 64
+    chunk_size: int = ranged(64, at_least(1))
     """Response positions per logits chunk: bounds peak memory at B x chunk x V per model."""
     cross_tokenizer: CrossTokenizer | None = None
     """For a teacher with another tokenizer: `aligned-exact` (the paper's: divergence over the shared vocabulary on
@@ -170,26 +172,26 @@ class LossConfig:
     knob): `all` (default), `first-n`, `last-n`, `middle-n`, `random-n`, or the n highest-scoring tokens by
     `top-kl-n` KL(p_s||p_t), `top-student-entropy-n` H(p_s), `top-teacher-entropy-n` H(p_t), or the products
     `kl*hs`, `ht*hs`, `kl*ht*hs`. Score-based selectors add a no-grad scoring pass (see esr/losses/select.py)."""
-    select_n: int = 100
+    select_n: int = ranged(100, at_least(1))
     """n of `loss.select` (tokens trained per rollout; a shorter rollout trains all of its tokens)."""
-    top_k: int = 20
+    top_k: int = ranged(20, at_least(1))
     """`loss.kind=topk`: the teacher's k most likely tokens at each position (plus one tail bucket) that the
     divergence is computed over (TRL's loss_top_k with loss_add_tail)."""
-    tis_cap: float | None = None
+    tis_cap: float | None = ranged(None, Range(1))
     """`loss.kind=sampled` with a vLLM rollout engine: truncated importance sampling, each token's loss weighted by
     min(p_trainer(y) / p_engine(y), tis_cap) to correct the engines' numeric mismatch; None: off."""
-    position_gamma: float = 0.0
+    position_gamma: float = ranged(0.0, NON_NEGATIVE)
     """Position weighting w_t = 1 + gamma * (1 - t/T) of each token's loss (t: response position, T: rollout
     length); the loss is normalised by the batch's sum of weights. 0 weighs every token equally."""
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = 32
+    r: int = ranged(32, at_least(1))
     """LoRA rank (paper: 32)."""
-    alpha: int = 64
+    alpha: int = ranged(64, at_least(1))
     """LoRA alpha (paper: 64)."""
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, between(0, 1, hi_open=True))
     """LoRA dropout."""
     targets: str = "all-linear"
     """`all-linear` or a comma-separated list of module names."""
@@ -197,35 +199,35 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200
+    steps: int = ranged(200, at_least(1))
     """Optimizer steps (paper: 200)."""
-    batch_size: int = 16
+    batch_size: int = ranged(16, at_least(1))
     """Prompts per step, one rollout each (paper: 16)."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = ranged(4, at_least(1))
     """Sequences per training forward/backward (sampling always takes the whole batch); the loss does not depend on
     it. On a CPU 1 is both the leanest and the fastest (no left-padding to the longest prompt; BENCHMARKS.md: the
     quickstart step 38.4 s at 10.5 GB peak with 1, 41.0 s at 13.8 GB with 4); on a GPU raise it to fill the device."""
-    teacher_batch_size: int | None = None
+    teacher_batch_size: int | None = ranged(None, at_least(1))
     """Sequences per teacher forward (no grad, so one layer's activations at a time), rounded down to whole
     micro-batches; None: the whole batch in one pass (per process). Lower it only if the teacher's forward runs out
     of memory; wider passes are faster (BENCHMARKS.md)."""
     finetune: Finetune = "lora"
     """`lora` (adapters on all linear layers) or `full`."""
-    lr: float = 5e-5
+    lr: float = ranged(5e-5, POSITIVE)
     """AdamW learning rate (paper: 5e-5)."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, NON_NEGATIVE)
     """Gradient clipping norm; 0 disables."""
-    warmup_steps: int = 0
+    warmup_steps: int = ranged(0, at_least(0))
     """Linear warm-up steps."""
     dtype: DType = "auto"
     """`auto` is float32 on CPU and bfloat16 on GPUs that support it."""
     gradient_checkpointing: bool = False
     """Recompute student activations in the backward pass (less memory, ~30% more train time)."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = ranged(50, at_least(1))
     """Write a checkpoint every this many steps (and at the end)."""
-    max_nonfinite: int = 3
+    max_nonfinite: int = ranged(3, at_least(1))
     """Stop after this many consecutive steps with a non-finite loss."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
@@ -244,22 +246,22 @@ class ExtrapolateConfig:
     theta <- theta + alpha (theta - theta_base), while a held-out probe improves (esr/optim/extrapolate.py)."""
     schedule: ExtrapolateSchedule = "powers-of-two"
     """`powers-of-two` (steps 1, 2, 4, 8, ..., the paper's) or `every` (every `every` steps)."""
-    every: int = 10
+    every: int = ranged(10, at_least(1))
     """Steps between extrapolations when schedule is `every`."""
-    alpha: float = 2.0
+    alpha: float = ranged(2.0, POSITIVE)
     """First step size of each extrapolation; after an accepted try alpha <- alpha / (1 + alpha)."""
-    max_tries: int = 5
+    max_tries: int = ranged(5, at_least(1))
     """Tries per extrapolation; the first one that does not improve the probe is rolled back and ends it."""
     carry_alpha: bool = False
     """Start each extrapolation at the previous one's last alpha instead of `alpha`."""
     probe: ExtrapolateProbe = "reverse_kl"
     """Score deciding acceptance: `reverse_kl` (mean KL(p_s||p_t) on fixed held-out student rollouts; cheap,
     task-free) or `eval` (the `eval` task's `eval.metric` on `probe_size` problems, higher is better)."""
-    probe_size: int = 8
+    probe_size: int = ranged(8, at_least(1))
     """Held-out prompts (reverse_kl) or problems (eval) in the probe."""
-    probe_tokens: int | None = None
+    probe_tokens: int | None = ranged(None, at_least(1))
     """Response tokens of the probe rollouts; None: the run's first horizon (N for ESR)."""
-    min_improvement: float = 0.0
+    min_improvement: float = ranged(0.0, NON_NEGATIVE)
     """A try is accepted only if it lowers the probe's loss by more than this."""
     params: ExtrapolateParams = "attention-mlp"
     """Weights that jump: `attention-mlp` (trainable weights of the decoder's linear layers: the LoRA adapters,
@@ -276,26 +278,26 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 0
+    every: int = ranged(0, at_least(0))
     """Evaluate the student every this many steps on a held-out task (0: never during training)."""
     task: str = "gsm_symbolic"
     """`gsm_symbolic` (held-out generator seed), `gsm8k`, `math500`, `jsonl` (with `eval.path`), `humaneval`,
     `bfcl:<category>`."""
     path: str | None = None
     """JSONL file of a `gsm8k`, `math500` or `jsonl` task."""
-    limit: int = 50
+    limit: int = ranged(50, at_least(1))
     """Problems per evaluation."""
-    n: int = 1
+    n: int = ranged(1, at_least(1))
     """Samples per problem."""
-    temperature: float = 0.0
+    temperature: float = ranged(0.0, NON_NEGATIVE)
     """0: greedy (then n must be 1)."""
-    max_new_tokens: int = 512
+    max_new_tokens: int = ranged(512, at_least(1))
     """Response cap during evaluation."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, at_least(1))
     """Sequences generated together."""
     metric: str = "accuracy"
     """Summary key that picks the best checkpoint (higher is better), e.g. `accuracy`, `pass@4`, `maj@4`."""
-    collapse_drop: float = 0.3
+    collapse_drop: float = ranged(0.3, PROBABILITY)
     """Warn of collapse when the metric falls below (1 - collapse_drop) x its best so far."""
 
 
@@ -303,7 +305,7 @@ class EvalConfig:
 class Config:
     name: str = "run"
     """Run name; the default run folder is runs/<name>-<time>."""
-    seed: int = 0
+    seed: int = ranged(0, SEED)
     """Seed of sampling, data order and initialisation."""
     student: ModelConfig = field(default_factory=ModelConfig)
     """The model being trained."""
@@ -322,21 +324,10 @@ class Config:
 
 
 def _check_consistency(cfg: Config) -> None:
-    """Reject settings that contradict each other, with the keys to change."""
-    r, t = cfg.rollout, cfg.train
-    positive = {
-        "rollout.n": r.n, "rollout.max_new_tokens": r.max_new_tokens, "train.steps": t.steps,
-        "train.batch_size": t.batch_size, "train.micro_batch_size": t.micro_batch_size,
-        "loss.chunk_size": cfg.loss.chunk_size, "loss.select_n": cfg.loss.select_n, "lora.r": cfg.lora.r,
-        "rollout.every": r.every,
-        "train.checkpoint_every": t.checkpoint_every, "train.max_nonfinite": t.max_nonfinite,
-        "data.size": cfg.data.size, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
-        "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
-        "train.teacher_batch_size": 1 if t.teacher_batch_size is None else t.teacher_batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
+    """Reject values out of their declared range, then settings that contradict each other, with the keys to
+    change."""
+    check_ranges(cfg)
+    r = cfg.rollout
     if r.horizon == "esr" and r.n > r.max_new_tokens:
         raise ConfigError(
             f"rollout.n={r.n} is larger than rollout.max_new_tokens={r.max_new_tokens}: ESR's N must not exceed T. "
@@ -346,23 +337,10 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.min_new_tokens={r.min_new_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}"
         )
-    if not 0.0 < r.rho <= 1.0:
-        raise ConfigError(f"rollout.rho must be in (0, 1], got {r.rho}")
-    if r.h0 < 1 or r.dh < 0:
-        raise ConfigError(f"rollout.h0 must be >= 1 and rollout.dh >= 0, got h0={r.h0}, dh={r.dh}")
     e = cfg.eval
-    if e.every < 0 or e.limit < 1 or e.n < 1 or e.batch_size < 1 or e.max_new_tokens < 1:
-        raise ConfigError("eval.every must be >= 0 and eval.limit, eval.n, eval.batch_size, eval.max_new_tokens >= 1")
     if e.temperature == 0 and e.n > 1:
         raise ConfigError(f"eval.n={e.n} greedy samples would be identical: set eval.temperature > 0 or eval.n=1")
-    if r.temperature <= 0:
-        raise ConfigError(f"rollout.temperature must be > 0 (on-policy sampling), got {r.temperature}")
-    if not 0.0 < r.top_p <= 1.0:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
     check_loss(cfg.loss, Select)
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-    check_extrapolate(cfg.optim.extrapolate)
     if getattr(cfg.teacher, "url", None) is not None:  # a plain ModelConfig (built in code) is a local teacher
         check_remote_teacher(cfg)
     check_engines(cfg)

@@ -50,6 +50,7 @@ from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
 from esr.train.memory import release_freed_memory
 from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, peak_memory_gb, step_flops, truncate_jsonl
 from esr.train.progress import RunProgress
+from esr.train.run_folder import RunFolderError, check_new_run_folder
 from esr.train.scores import SELECT_SEED, Selection, TokenScores, score_tokens
 from esr.train.session import Session, batch_indices, build_session
 from esr.train.step import distill_micro_batch
@@ -62,10 +63,6 @@ class NonFiniteLossError(EsrError, RuntimeError):
 
 class StepOutOfMemoryError(EsrError, RuntimeError):
     """A training step ran out of memory; the message names the settings that lower a step's peak memory."""
-
-
-class RunFolderError(EsrError, RuntimeError):
-    """The run folder cannot be used as asked (exists without --resume, or has no config to resume)."""
 
 
 @dataclass(frozen=True)
@@ -92,9 +89,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     """Distil ``cfg.student`` from ``cfg.teacher`` for ``cfg.train.steps`` steps; return the run's metrics."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     run_dir = join(cfg, run_dir)  # several processes (torchrun, accelerate): one group, rank 0's folder; else no-op
-    if not resume and (run_dir / "config.yaml").exists():
-        raise RunFolderError(f"{run_dir} already holds a run: continue it with `esr train --resume {run_dir}`"
-                             " or choose another --out")
+    if not resume:
+        check_new_run_folder(cfg, run_dir)  # a file, a folder of other files, or another run: refused here
     if cfg.train.deterministic:
         _use_deterministic_algorithms()
     s = build_session(cfg)  # before the folder exists: a config the session rejects leaves nothing behind
