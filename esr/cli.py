@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   esr train configs/smoke.yaml train.steps=3 --out runs/smoke
   esr train configs/quickstart-xfamily.yaml               # across tokenizers: SmolLM2-135M <- Qwen 0.5B
   esr train --resume runs/smoke                           # continue a stopped run from its last checkpoint
+  esr check runs/smoke                                    # are its checkpoints intact? what would --resume do?
   esr generate qwen2.5-coder-0.5b-instruct --prompt "What is 17 * 23?"
   esr generate runs/smoke/checkpoints/step-000003 --prompt "Hi" --temperature 0
   esr models                                              # zoo presets: installed? cached?
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--analysis", action="append", type=Path, default=[],
                    help="analysis outputs kept outside the run folders (JSON/PNG files or folders); repeatable")
 
+    c = verbs.add_parser("check", help="verify a run folder's checkpoints and metrics; change nothing",
+                         epilog="exit code 0: all intact; 1: damaged (a resume would fall back); 2: not a run folder")
+    c.add_argument("run", type=Path, help="run folder")
+
     m = verbs.add_parser("models", help="list zoo presets, or prepare one")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     m.add_argument("name", nargs="?", help="preset to prepare")
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         verbs = {"train": _train, "generate": _generate, "eval": _eval, "probe": run_probe, "analyze": run_analysis,
-                 "report": _report, "models": _models, "serve-teacher": run_serve}
+                 "report": _report, "models": _models, "serve-teacher": run_serve, "check": _check}
         return verbs[args.verb](args)
     except (EsrError, FileNotFoundError) as e:  # a message the user can act on, not a traceback
         if args.verbose:
@@ -137,6 +142,14 @@ def _train(args: argparse.Namespace) -> int:
     if is_main():
         console.print(summary_table(result.metrics, result.run_dir))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from esr.train.run_check import check_run
+
+    result = check_run(args.run)
+    print(f"run folder: {args.run}\n{result.report()}")
+    return result.exit_code
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -101,7 +101,7 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     or its model weights (``model.safetensors``, or the shards its index lists; ``config.json`` parses too).
     ``DamagedFileError`` naming the first file that is missing or damaged."""
     folder = Path(folder)
-    if (folder / ADAPTER_CONFIG).exists():
+    if (folder / ADAPTER_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists():
         config = read_json(folder / ADAPTER_CONFIG)
         if not isinstance(config, dict):
             raise DamagedFileError(folder / ADAPTER_CONFIG, "is not a JSON object")
@@ -126,7 +126,7 @@ def check_model_folder(folder: Path) -> None:
     """Raise ``DamagedFileError`` when a folder of esr's (a checkpoint: ``adapter_config.json`` or ``config.json``
     beside safetensors weights) has a missing or damaged file, before transformers or peft meet it."""
     folder = Path(folder)
-    if (folder / ADAPTER_CONFIG).exists():
+    if (folder / ADAPTER_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists():
         pickled_only = not (folder / ADAPTER_WEIGHTS).exists() and (folder / "adapter_model.bin").exists()
         if not pickled_only:  # a pickle adapter is refused or allowed by esr.models.load, not here
             weight_shapes(folder)

@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch import nn
 
 from esr.models.checkpoints import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     EXTRAPOLATOR_STATE,
     MODEL_WEIGHTS,
     MODEL_WEIGHTS_INDEX,
@@ -94,7 +96,7 @@ def _damage(e: DamagedFileError) -> Problem:
 
 
 def _weights(folder: Path, expected: Expected | None) -> list[Problem]:
-    adapter = (folder / ADAPTER_CONFIG).exists()
+    adapter = (folder / ADAPTER_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists()
     whole_model = (folder / MODEL_WEIGHTS).exists() or (folder / MODEL_WEIGHTS_INDEX).exists()
     if expected is not None and expected.lora and not adapter and whole_model:
         return [Problem(f"{folder} holds no LoRA adapter, but this run trains LoRA (train.finetune=lora)", False)]
@@ -239,33 +241,53 @@ def set_aside(folder: Path) -> Path:
     return aside
 
 
-def resume_point(run_dir: Path, expected: Expected | None) -> Path | None:
-    """The checkpoint a resume loads: the newest without problems. Newer ones are set aside with a warning naming
-    the file, what is wrong, where the run resumes and how many steps it redoes; None (with the same warning) when
-    every checkpoint is damaged. ``CheckpointError`` when none fits and one is whole (the run's config changed)."""
+@dataclass(frozen=True)
+class ResumePlan:
+    """What ``esr train --resume`` does with a run's checkpoints: load ``chosen`` (None: start from step 0), after
+    setting aside ``passed`` (newer checkpoints with a problem, newest first, each with its first problem), and redo
+    ``redo`` steps (logged or checkpointed beyond ``start``). ``refusal``: no checkpoint fits and this one is whole
+    but a misfit: the run's config changed, so the resume stops with it and renames nothing."""
+
+    chosen: Path | None
+    passed: list[tuple[Path, Problem]]
+    refusal: Problem | None
+    start: int
+    redo: int
+
+    def summary(self) -> str:
+        """One sentence: where the resume continues and how many steps it redoes."""
+        where = (f"resuming from {self.chosen} (step {self.start})" if self.chosen is not None
+                 else "no intact checkpoint is left, so the run starts again from step 0")
+        return f"{where}: {self.redo} step{'' if self.redo == 1 else 's'} will be redone"
+
+
+def plan_resume(run_dir: Path, problems_of: Callable[[Path], list[Problem]]) -> ResumePlan:
+    """Walk the run's checkpoints newest first and stop at the first whose ``problems_of`` is empty."""
     passed: list[tuple[Path, Problem]] = []
     chosen = None
     for folder in reversed(list_checkpoints(run_dir)):
-        problems = verify_checkpoint(folder, expected)
+        problems = problems_of(folder)
         if not problems:
             chosen = folder
             break
         passed.append((folder, problems[0]))
-    if chosen is None:
-        misfit = next((p for _, p in passed if not p.damaged), None)
-        if misfit is not None:
-            raise CheckpointError(misfit.message)
-    if not passed:
-        return chosen
+    refusal = None if chosen is not None else next((p for _, p in passed if not p.damaged), None)
     start = (_step_of(chosen) or 0) if chosen is not None else 0
     logged, _ = logged_steps(run_dir)
-    last = max([*logged, *(_step_of(f) or 0 for f, _ in passed)])
-    redo = max(0, last - start)
-    where = (f"resuming from {chosen} (step {start})" if chosen is not None
-             else "no intact checkpoint is left, so the run starts again from step 0")
-    for folder, problem in passed:
-        aside = set_aside(folder)
-        log.warning("checkpoint %s is damaged: %s. Set aside as %s (not deleted); %s: %d step%s will be redone",
-                    folder.name, problem.message, aside.name, where, redo, "" if redo == 1 else "s")
-    return chosen
+    last = max([start, *logged, *(_step_of(f) or 0 for f, _ in passed)])
+    return ResumePlan(chosen, passed, refusal, start, last - start)
 
+
+def resume_point(run_dir: Path, expected: Expected | None) -> Path | None:
+    """The checkpoint a resume loads: the newest without problems (``plan_resume``). Newer ones are set aside, each
+    with a one-line warning naming the file, what is wrong, where the run resumes and how many steps it redoes; None
+    (with the same warning) when every checkpoint is damaged. ``CheckpointError`` when none fits and one is whole
+    (the run's config changed); then nothing is renamed."""
+    plan = plan_resume(run_dir, lambda folder: verify_checkpoint(folder, expected))
+    if plan.refusal is not None:
+        raise CheckpointError(plan.refusal.message)
+    for folder, problem in plan.passed:
+        aside = set_aside(folder)
+        log.warning("checkpoint %s is damaged: %s. Set aside as %s (not deleted); %s", folder.name, problem.message,
+                    aside.name, plan.summary())
+    return plan.chosen
