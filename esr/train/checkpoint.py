@@ -176,7 +176,8 @@ def unreadable_as_checkpoint_error(folder: Path) -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, RuntimeError,
+            SafetensorError) as e:  # what torch's load_state_dict and friends make of unexpected contents
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{folder} could not be loaded ({type(e).__name__}: {why}). Set it aside (rename it to "
