@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from esr.cli_check import add_check_parser, run_check
 from esr.cli_diagnostics import add_parsers as add_diagnostic_parsers
 from esr.cli_diagnostics import run_analysis, run_probe
 from esr.cli_serve import add_serve_parser, run_serve
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_diagnostic_parsers(verbs)
     add_serve_parser(verbs)
+    add_check_parser(verbs)
 
     r = verbs.add_parser("report", help="compare run folders in one HTML page and a markdown twin",
                          epilog="example:\n  esr report runs/esr-100 runs/full-400 --out reports/esr-vs-full.html",
@@ -82,10 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title")
     r.add_argument("--analysis", action="append", type=Path, default=[],
                    help="analysis outputs kept outside the run folders (JSON/PNG files or folders); repeatable")
-
-    c = verbs.add_parser("check", help="verify a run folder's checkpoints and metrics; change nothing",
-                         epilog="exit code 0: all intact; 1: damaged (a resume would fall back); 2: not a run folder")
-    c.add_argument("run", type=Path, help="run folder")
 
     m = verbs.add_parser("models", help="list zoo presets, or prepare one")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         verbs = {"train": _train, "generate": _generate, "eval": _eval, "probe": run_probe, "analyze": run_analysis,
-                 "report": _report, "models": _models, "serve-teacher": run_serve, "check": _check}
+                 "report": _report, "models": _models, "serve-teacher": run_serve, "check": run_check}
         return verbs[args.verb](args)
     except (EsrError, FileNotFoundError) as e:  # a message the user can act on, not a traceback
         if args.verbose:
@@ -142,14 +140,6 @@ def _train(args: argparse.Namespace) -> int:
     if is_main():
         console.print(summary_table(result.metrics, result.run_dir))
     return 0
-
-
-def _check(args: argparse.Namespace) -> int:
-    from esr.train.run_check import check_run
-
-    result = check_run(args.run)
-    print(f"run folder: {args.run}\n{result.report()}")
-    return result.exit_code
 
 
 def _generate(args: argparse.Namespace) -> int:
