@@ -8,11 +8,13 @@ memory-mapped), the extrapolator's state when the run extrapolates, and the chec
 the run trains (``expected_of``), it also compares weight names and shapes and the optimizer's parameter count.
 
 A problem is either *damage* (a file missing, cut short, unreadable: what crashes, full disks and bit flips make) or
-a *misfit* (whole files that belong to another model or setting, or hold more than esr writes). ``resume_point``
-walks the checkpoints newest first and resumes from the first without problems; those it passes are renamed
-``step-N.damaged-K`` (never deleted) with a warning. If no checkpoint fits but one is merely a misfit, the run's
-config is what changed: nothing is renamed and its ``CheckpointError`` stops the resume. If every checkpoint is
-damaged, the run starts again from step 0, as a run killed before its first checkpoint does.
+a *misfit* (whole, readable files whose contents do not fit the run's model or settings, or hold more than esr
+writes: a systematic cause, such as a changed config, must stop the resume, not restart the run from step 0).
+``resume_point`` walks the checkpoints newest first and resumes from the first without problems; those it passes
+are renamed ``step-N.damaged-K`` (never deleted) with a warning: a misfit newer than a checkpoint that fits counts
+as damage. If no checkpoint fits but one is merely a misfit, nothing is renamed and its ``CheckpointError`` stops
+the resume. If every checkpoint is damaged, the run starts again from step 0, as a run killed before its first
+checkpoint does.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _weights(folder: Path, expected: Expected | None) -> list[Problem]:
         return [Problem(f"{folder} holds weights of another model (e.g. {(wrong or sorted(shapes))[0]})", False)]
     missing = sorted(expected.weights.keys() - shapes.keys() - expected.optional)
     if missing:
-        return [Problem(f"{folder} lacks weights for {missing[0]} (and {len(missing) - 1} more)")]
+        return [Problem(f"{folder} lacks weights for {missing[0]} (and {len(missing) - 1} more)", False)]
     return []
 
 
@@ -194,7 +196,7 @@ def _torch_state(folder: Path, path: Path, expected: Expected | None) -> list[Pr
         n = sum(len(g.get("params", [])) for g in groups if isinstance(g, dict))
         if n != expected.optimizer_params:
             return [Problem(f"{path} holds optimizer state for {n} parameters, but this run steps "
-                            f"{expected.optimizer_params}")]
+                            f"{expected.optimizer_params}", False)]
     return []
 
 
