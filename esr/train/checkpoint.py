@@ -8,7 +8,8 @@ preset (a tiny preset is saved there first), the absolute path of a local folder
 A checkpoint is written into ``step-NNNNNN.tmp-<pid>``, fsynced, and renamed into place only when complete, so a
 crash at any moment leaves either the whole new checkpoint or none of it; a leftover ``.tmp-*`` folder is ignored and
 removed. Re-saving a step that exists sets the old folder aside as ``.old-<pid>`` until the new one is in place; a
-crash in between leaves the old one, which resume puts back.
+crash in between leaves the old one, which resume puts back. Before a resume loads one, ``esr.train.verify`` checks
+its files and falls back past a damaged one; what fails here all the same is a one-line ``CheckpointError``.
 """
 
 from __future__ import annotations

@@ -100,7 +100,9 @@ def _damage(e: DamagedFileError) -> Problem:
 def _weights(folder: Path, expected: Expected | None) -> list[Problem]:
     adapter = (folder / ADAPTER_CONFIG).exists() or (folder / ADAPTER_WEIGHTS).exists()
     whole_model = (folder / MODEL_WEIGHTS).exists() or (folder / MODEL_WEIGHTS_INDEX).exists()
-    if expected is not None and expected.lora and not adapter and whole_model:
+    if expected is not None and expected.lora and not adapter:
+        if not whole_model:
+            return [Problem(f"{folder / ADAPTER_WEIGHTS} is missing")]
         return [Problem(f"{folder} holds no LoRA adapter, but this run trains LoRA (train.finetune=lora)", False)]
     if expected is not None and not expected.lora and adapter:
         return [Problem(f"{folder} holds a LoRA adapter, but this run trains all weights (train.finetune=full)",
