@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from esr.cli_check import add_check_parser, run_check
 from esr.cli_diagnostics import add_parsers as add_diagnostic_parsers
 from esr.cli_diagnostics import run_analysis, run_probe
 from esr.cli_serve import add_serve_parser, run_serve
@@ -19,6 +20,7 @@ EXAMPLES = """examples:
   esr train configs/smoke.yaml train.steps=3 --out runs/smoke
   esr train configs/quickstart-xfamily.yaml               # across tokenizers: SmolLM2-135M <- Qwen 0.5B
   esr train --resume runs/smoke                           # continue a stopped run from its last checkpoint
+  esr check runs/smoke                                    # are its checkpoints intact? what would --resume do?
   esr generate qwen2.5-coder-0.5b-instruct --prompt "What is 17 * 23?"
   esr generate runs/smoke/checkpoints/step-000003 --prompt "Hi" --temperature 0
   esr models                                              # zoo presets: installed? cached?
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_diagnostic_parsers(verbs)
     add_serve_parser(verbs)
+    add_check_parser(verbs)
 
     r = verbs.add_parser("report", help="compare run folders in one HTML page and a markdown twin",
                          epilog="example:\n  esr report runs/esr-100 runs/full-400 --out reports/esr-vs-full.html",
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         verbs = {"train": _train, "generate": _generate, "eval": _eval, "probe": run_probe, "analyze": run_analysis,
-                 "report": _report, "models": _models, "serve-teacher": run_serve}
+                 "report": _report, "models": _models, "serve-teacher": run_serve, "check": run_check}
         return verbs[args.verb](args)
     except (EsrError, FileNotFoundError) as e:  # a message the user can act on, not a traceback
         if args.verbose:

@@ -5,7 +5,8 @@ A spec is resolved in this order:
 2. `random:<preset>`: the preset's architecture with random weights;
 3. an existing local folder: an HF model folder (safetensors only), or a PEFT adapter folder (adapter_config.json),
    whose base model is loaded through this same function and the adapter attached (a base that is a zoo preset's
-   cache folder, present or not, loads as that preset);
+   cache folder, present or not, loads as that preset); its files are checked first (``esr.models.files``), so a
+   truncated or unreadable one is named in a ``DamagedFileError``;
 4. anything else is passed to `from_pretrained` as a hub id (safetensors only).
 
 Pickle weights (`pytorch_model.bin`, `.pt`, `.pth`, `.ckpt`, a PEFT `adapter_model.bin`) are refused unless the
@@ -28,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from esr.errors import EsrError
 from esr.models import synthetic, zoo
+from esr.models.files import check_model_folder, read_json
 from esr.models.lora import quiet_peft
 
 CausalLM = PreTrainedModel | PeftModel
@@ -142,6 +144,7 @@ def _resolve(
         return model.to(dtype), tokenizer
     folder = Path(spec).expanduser()
     if folder.is_dir():
+        check_model_folder(folder)  # a truncated or unreadable file is named here, not deep inside safetensors
         if (folder / "adapter_config.json").is_file():
             return _from_adapter(folder, dtype, trust_remote_code, allow_pickle)
         return _from_folder(folder, dtype, trust_remote_code, allow_pickle)
@@ -204,7 +207,8 @@ def _allow_pickle_or_refuse(folder: Path, pickles: list[str], allow_pickle: bool
 
 
 def _adapter_base(folder: Path) -> str:
-    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    config = read_json(folder / "adapter_config.json")
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not base:
         raise ModelSpecError(f"{str(folder)!r}: adapter_config.json does not name base_model_name_or_path; "
                              "set it to the preset, folder or hub id the adapter was trained on")

@@ -8,7 +8,8 @@ preset (a tiny preset is saved there first), the absolute path of a local folder
 A checkpoint is written into ``step-NNNNNN.tmp-<pid>``, fsynced, and renamed into place only when complete, so a
 crash at any moment leaves either the whole new checkpoint or none of it; a leftover ``.tmp-*`` folder is ignored and
 removed. Re-saving a step that exists sets the old folder aside as ``.old-<pid>`` until the new one is in place; a
-crash in between leaves the old one, which resume puts back.
+crash in between leaves the old one, which resume puts back. Before a resume loads one, ``esr.train.verify`` checks
+its files and falls back past a damaged one; what fails here all the same is a one-line ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -159,7 +163,31 @@ def load_checkpoint(
     """Restore weights, optimizer, scheduler, RNG (and the extrapolator's state) from ``folder``; return its
     trainer_state.json (from ``trainer/``, or beside the weights in an old-layout checkpoint). ``weights=False``: the
     caller loaded them already (before sharding, esr.train.fsdp); the optimizer state is then cut to this process's
-    shards."""
+    shards. Any failure is a one-line ``CheckpointError`` naming the folder (``esr.train.verify`` catches damage
+    before this runs; what still fails here is reported, not raised from deep inside torch)."""
+    with unreadable_as_checkpoint_error(folder):
+        return _load_checkpoint(folder, model, optimizer, scheduler, extrapolator, weights)
+
+
+@contextmanager
+def unreadable_as_checkpoint_error(folder: Path) -> Iterator[None]:
+    """Turn what torch, safetensors, json or the file system raise on a damaged checkpoint into a CheckpointError
+    that names the folder and says how to go on."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, RuntimeError,
+            SafetensorError) as e:  # what torch's load_state_dict and friends make of unexpected contents
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{folder} could not be loaded ({type(e).__name__}: {why}). Set it aside (rename it to "
+            f"{Path(folder).name}.damaged) and resume from the checkpoint before it, or start a new run") from e
+
+
+def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, extrapolator: Any, weights: bool
+                     ) -> dict[str, Any]:
     if weights:
         load_weights(folder, model)
     trainer = trainer_files(folder)  # trainer/, or the step folder itself in the old layout
@@ -174,7 +202,7 @@ def load_checkpoint(
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(
             f"{trainer / TRAINER_STATE} was refused: it holds more than tensors and plain data, or is damaged "
-            f"({_torch_reason(e)}). esr did not write it; resume from an earlier checkpoint (remove {folder}) or "
+            f"({torch_reason(e)}). esr did not write it; resume from an earlier checkpoint (remove {folder}) or "
             "start a new run") from e
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sharded = any(is_sharded(p) for p in params)
@@ -186,7 +214,7 @@ def load_checkpoint(
     return state
 
 
-def _torch_reason(error: BaseException) -> str:
+def torch_reason(error: BaseException) -> str:
     """The informative part of a torch load error, without its advice to retry with weights_only=False: the
     "size mismatch" or "unsupported GLOBAL" line when there is one, else the first sentence."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
@@ -196,6 +224,11 @@ def _torch_reason(error: BaseException) -> str:
 
 def load_weights(folder: Path, model: nn.Module) -> None:
     """The checkpoint's weights into ``model`` (an unsharded one): the LoRA adapter, or every weight."""
+    with unreadable_as_checkpoint_error(folder):
+        _load_weights(folder, model)
+
+
+def _load_weights(folder: Path, model: nn.Module) -> None:
     if isinstance(model, PeftModel):
         adapter = folder / ADAPTER_WEIGHTS
         if not adapter.is_file():
@@ -203,7 +236,7 @@ def load_weights(folder: Path, model: nn.Module) -> None:
         try:
             result = set_peft_model_state_dict(model, load_file(adapter))
         except RuntimeError as e:  # load_state_dict's "size mismatch for ...": another base model or lora.r
-            raise CheckpointError(f"{folder} is an adapter for another model or LoRA setting ({_torch_reason(e)}); "
+            raise CheckpointError(f"{folder} is an adapter for another model or LoRA setting ({torch_reason(e)}); "
                                   "resume with the student and lora.* it was trained with, or start a new run") from e
         # A LoRA weight the run has but the file lacks (other lora.targets) would silently stay at its init.
         bad = [k for k in (*result.unexpected_keys, *result.missing_keys) if "lora_" in k]

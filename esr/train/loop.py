@@ -26,7 +26,6 @@ from esr.optim import Extrapolator, make_extrapolator
 from esr.teacher.scorer import TeacherBatch
 from esr.teacher.targets import TeacherTargets
 from esr.train.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     load_weights,
     remove_partial_checkpoints,
@@ -54,6 +53,7 @@ from esr.train.run_folder import RunFolderError, check_new_run_folder
 from esr.train.scores import SELECT_SEED, Selection, TokenScores, score_tokens
 from esr.train.session import Session, batch_indices, build_session
 from esr.train.step import distill_micro_batch
+from esr.train.verify import expected_of, resume_point
 from esr.types import Rollouts
 
 
@@ -152,12 +152,16 @@ def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None
 
 def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator: Extrapolator | None,
              log: MetricsLog, evals: PeriodicEval, events_path: Path) -> tuple[Session, int, Path | None, int]:
-    """Shard the models if asked and, on resume, load the last complete checkpoint and forget what came after it.
-    Returns (session, first step to run, that checkpoint, non-finite steps in a row)."""
+    """Shard the models if asked and, on resume, load the newest intact checkpoint and forget what came after it.
+    Returns (session, first step to run, that checkpoint, non-finite steps in a row).
+
+    Before anything is loaded or sharded, rank 0 verifies the checkpoints newest first (``esr.train.verify``): a
+    damaged one is renamed ``step-N.damaged-K`` with a warning, and every process loads the one rank 0 chose."""
     ckpt = None
     if resume:
         main_only(remove_partial_checkpoints, run_dir)
-        ckpt = latest_checkpoint(run_dir)
+        expected = expected_of(s.student, s.optimizer, extrapolate=extrapolator is not None)
+        ckpt = main_only(resume_point, run_dir, expected)
     if cfg.train.fsdp:  # the checkpoint's weights go in whole, then the layers are sharded (esr/train/fsdp.py)
         if ckpt is not None:
             load_weights(ckpt, s.student)
