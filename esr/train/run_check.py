@@ -17,7 +17,7 @@ from esr.config import load_config
 from esr.errors import EsrError
 from esr.models.checkpoints import CHECKPOINTS, list_checkpoints
 from esr.models.files import DamagedFileError, weight_shapes
-from esr.train.loop import RunFolderError
+from esr.train.run_folder import RunFolderError
 from esr.train.verify import Problem, ResumePlan, logged_steps, plan_resume, verify_checkpoint
 
 
