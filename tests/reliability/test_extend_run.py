@@ -14,6 +14,7 @@ from esr.cli import main
 from esr.config import load_config
 from esr.models.checkpoints import list_checkpoints
 from esr.train import train
+from esr.train.extend import started_config
 
 SMOKE = "configs/smoke.yaml"
 WARMUP = ["train.warmup_steps=6"]  # the warm-up runs on past the first run's 4 steps, into the extension
@@ -85,3 +86,16 @@ def test_resume_refuses_other_keys_and_steps_below_the_checkpoints(tmp_path, cap
     assert (run / "run.json").read_text() == run_json_before
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert [r["step"] for r in _rows(run)] == [1, 2]
+
+
+def test_the_effopd_probe_keeps_the_config_the_run_started_with(tmp_path):
+    """With a file data source EffOPD's held-out probe prompts depend on train.steps (esr.data.heldout): an extended
+    run rebuilds its probe from the values the run started with, recorded in run.json, not from the new ones."""
+    cfg = load_config(SMOKE, ["train.steps=8", "train.checkpoint_every=3"])
+    assert started_config(cfg, tmp_path) is cfg  # never extended
+    record = {"time": "t", "at_step": 4, "changed": {"train.steps": [4, 6], "train.checkpoint_every": [2, 3]}}
+    later = {"time": "t", "at_step": 6, "changed": {"train.steps": [6, 8]}}
+    (tmp_path / "run.json").write_text(json.dumps({"device": "cpu", "extensions": [record, later]}))
+    first = started_config(cfg, tmp_path)
+    assert (first.train.steps, first.train.checkpoint_every) == (4, 2)
+    assert first.rollout == cfg.rollout and first.data == cfg.data and first.train.lr == cfg.train.lr
