@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from esr.config import load_config
-    from esr.train import RunStopped, resume, train
+    from esr.train import EXTENDABLE, RunStopped, resume, train
     from esr.train.distributed import is_main
     from esr.train.progress import console, summary_table
 
@@ -120,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides = [*([args.config] if args.config else []), *args.overrides]
         if args.config and "=" not in args.config:
             print(f"esr: error: --resume DIR takes the run's own config; drop {args.config} (only key=value "
-                  "overrides of train.steps, train.checkpoint_every and eval.every may follow)", file=sys.stderr)
+                  f"overrides of {', '.join(EXTENDABLE)} may follow)", file=sys.stderr)
             return 2
         run_dir = args.resume
         call = lambda: resume(run_dir, overrides, progress=not args.no_progress)
