@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   esr train configs/smoke.yaml train.steps=3 --out runs/smoke
   esr train configs/quickstart-xfamily.yaml               # across tokenizers: SmolLM2-135M <- Qwen 0.5B
   esr train --resume runs/smoke                           # continue a stopped run from its last checkpoint
+  esr train --resume runs/smoke train.steps=10            # extend a finished run to 10 steps
   esr check runs/smoke                                    # are its checkpoints intact? what would --resume do?
   esr generate qwen2.5-coder-0.5b-instruct --prompt "What is 17 * 23?"
   esr generate runs/smoke/checkpoints/step-000003 --prompt "Hi" --temperature 0
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 rollout.horizon=full")
     t.add_argument("--out", type=Path, help="run folder (default runs/<name>-<time>)")
-    t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint; overrides may change only train.steps "
+                        "(extend the run), train.checkpoint_every and eval.every")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
 
     g = verbs.add_parser("generate", help="sample from a model, preset or checkpoint")
@@ -112,16 +115,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from esr.config import load_config
-    from esr.train import resume, train
+    from esr.train import EXTENDABLE, RunStopped, resume, train
     from esr.train.distributed import is_main
     from esr.train.progress import console, summary_table
 
     if args.resume is not None:
-        if args.config or args.overrides:
-            print("esr: error: --resume DIR takes the run's own config; drop CONFIG and overrides", file=sys.stderr)
+        # `--resume DIR key=value ...`: argparse takes the first override for CONFIG.
+        overrides = [*([args.config] if args.config else []), *args.overrides]
+        if args.config and "=" not in args.config:
+            print(f"esr: error: --resume DIR takes the run's own config; drop {args.config} (only key=value "
+                  f"overrides of {', '.join(EXTENDABLE)} may follow)", file=sys.stderr)
             return 2
         run_dir = args.resume
-        call = lambda: resume(run_dir, progress=not args.no_progress)
+        call = lambda: resume(run_dir, overrides, progress=not args.no_progress)
     else:
         if args.config is None:
             print("esr: error: give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR", file=sys.stderr)
@@ -135,8 +141,13 @@ def _train(args: argparse.Namespace) -> int:
         console.print(f"run folder: {run_dir}")
     try:
         result = call()
-    except KeyboardInterrupt:
-        console.print(f"interrupted; continue with: esr train --resume {run_dir}")
+    except RunStopped as stopped:  # the first Ctrl-C / SIGTERM: the step finished and was checkpointed
+        if is_main():
+            print(f"esr: stopped after step {stopped.step} (checkpoint written); continue with: "
+                  f"esr train --resume {run_dir}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before the steps began): stopped at once
+        print(f"esr: interrupted; continue with: esr train --resume {run_dir}", file=sys.stderr)  # one line
         return 130
     if is_main():
         console.print(summary_table(result.metrics, result.run_dir))

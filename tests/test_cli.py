@@ -42,3 +42,11 @@ def test_unknown_model_is_one_clear_line(capsys):
 def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_resume_takes_overrides_but_no_config(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "configs/smoke.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "drop configs/smoke.yaml" in err and "train.steps" in err
+    assert main(["train", "--resume", str(tmp_path), "train.steps=5"]) == 2  # overrides pass; no run folder here
+    assert "not a run folder" in capsys.readouterr().err

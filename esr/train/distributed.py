@@ -37,6 +37,9 @@ are no-ops (or plain calls) in one process. With W processes and a step's global
 6. EffOPD extrapolation (``optim.extrapolate``) runs in every process on identical weights and probe data, so each
    makes the same decision; ``agree`` checks that it did (a mismatch stops the run instead of letting the weights
    drift apart). Cross-tokenizer distillation needs nothing more: translation and alignment are per rollout.
+7. A graceful stop (the first Ctrl-C or SIGTERM, ``esr.train.stopping``) may reach some processes only, or reach
+   them during different steps: after every step ``largest`` takes the largest signal number over the processes
+   (one 1-element all-reduce; 0: none), so all of them checkpoint and stop after the same step.
 
 Equality with one process: same rows, same tokens, same selection, same normaliser; the gradients differ only by
 the order of floating-point sums (a micro-batch may hold other rows, and the all-reduce adds the shards' sums), so
@@ -203,6 +206,14 @@ def agree(value: Any, what: str) -> None:
     if any(repr(v) != repr(values[0]) for v in values):  # repr: a NaN score equals itself
         raise RuntimeError(f"the processes disagree on {what}: {values}. Their weights would drift apart; rerun with "
                            "train.deterministic=true, or with one process")
+
+
+def largest(value: int) -> int:
+    """The largest ``value`` over the processes (one process: ``value``; several: one 1-element all-reduce,
+    negligible beside a step's gradient sums). Every process gets the same answer, so all take the same branch."""
+    if world_size() == 1:
+        return value
+    return int(_all_reduce([value], dist.ReduceOp.MAX)[0])
 
 
 def _device() -> torch.device:

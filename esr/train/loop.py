@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from esr.config import Config, load_config, save_config
+from esr.config import Config, save_config
 from esr.errors import EsrError
 from esr.losses import needed_scores
 from esr.optim import Extrapolator, make_extrapolator
@@ -38,6 +38,7 @@ from esr.train.distributed import (
     clip_gradients,
     is_main,
     join,
+    largest,
     main_only,
     merge_metrics,
     my_rows,
@@ -45,6 +46,7 @@ from esr.train.distributed import (
     sync_gradients,
 )
 from esr.train.evaluation import PeriodicEval
+from esr.train.extend import EXTENSIONS, extend_run, extensions, started_config
 from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
 from esr.train.memory import release_freed_memory
 from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, peak_memory_gb, step_flops, truncate_jsonl
@@ -53,6 +55,7 @@ from esr.train.run_folder import RunFolderError, check_new_run_folder
 from esr.train.scores import SELECT_SEED, Selection, TokenScores, score_tokens
 from esr.train.session import Session, batch_indices, build_session
 from esr.train.step import distill_micro_batch
+from esr.train.stopping import RunStopped, StopRequests
 from esr.train.verify import expected_of, resume_point
 from esr.types import Rollouts
 
@@ -77,16 +80,20 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def resume(run_dir: str | Path, *, progress: bool = True) -> RunResult:
-    """Continue a stopped run from its last complete checkpoint, with the config it was started with."""
+def resume(run_dir: str | Path, overrides: list[str] | None = None, *, progress: bool = True) -> RunResult:
+    """Continue a stopped or finished run from its last complete checkpoint, with the config it was started with.
+    ``overrides`` (``key=value``) may change only ``esr.train.extend.EXTENDABLE`` (``train.steps=N`` extends the run
+    to N); they are written to the run's config.yaml and recorded in run.json."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no config.yaml); nothing to resume")
-    return train(load_config(run_dir / "config.yaml"), run_dir, resume=True, progress=progress)
+    return train(extend_run(run_dir, list(overrides or [])), run_dir, resume=True, progress=progress)
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True) -> RunResult:
-    """Distil ``cfg.student`` from ``cfg.teacher`` for ``cfg.train.steps`` steps; return the run's metrics."""
+    """Distil ``cfg.student`` from ``cfg.teacher`` for ``cfg.train.steps`` steps; return the run's metrics. The
+    first Ctrl-C or SIGTERM during the steps ends the run after the current step, checkpointed, with ``RunStopped``
+    (``esr.train.stopping``)."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     run_dir = join(cfg, run_dir)  # several processes (torchrun, accelerate): one group, rank 0's folder; else no-op
     if not resume:
@@ -101,8 +108,10 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         _write_run_json(run_dir, s.info)
     log = MetricsLog(run_dir) if is_main() else NullLog(run_dir)
     evals = PeriodicEval(cfg, run_dir)
-    # EffOPD (optim.extrapolate): built from the initial weights, before a checkpoint replaces them.
-    extrapolator = make_extrapolator(s, cfg, run_dir) if cfg.optim.extrapolate.enabled else None
+    # EffOPD (optim.extrapolate): built from the initial weights, before a checkpoint replaces them; its probe
+    # prompts are the ones chosen when the run started, also after an extension (esr/train/extend.py).
+    extrapolator = (make_extrapolator(s, started_config(cfg, run_dir), run_dir) if cfg.optim.extrapolate.enabled
+                    else None)
     events_path = run_dir / "extrapolate" / "events.jsonl"
 
     try:
@@ -112,42 +121,59 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     finally:
         s.sampler.close()  # a vLLM engine holds memory and threads (a crash must not leave them behind)
         getattr(s.scorer, "close", lambda: None)()  # so does an in-process vLLM teacher (teacher.engine=vllm)
-    log.close()
+        log.close()
     return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
 
 
 def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None, nonfinite_in_a_row: int,
            extrapolator: Extrapolator | None, log: MetricsLog, evals: PeriodicEval, events_path: Path,
            progress: bool) -> Path | None:
-    """Steps ``start`` .. ``train.steps``: step, log, checkpoint, evaluate. Returns the last checkpoint."""
+    """Steps ``start`` .. ``train.steps``: step, log, checkpoint, evaluate. Returns the last checkpoint. After the
+    first Ctrl-C or SIGTERM, the step under way finishes (its extrapolation, log, checkpoint and evaluation too), is
+    checkpointed if it was not, and ``RunStopped`` ends the run; a second signal stops at once."""
     bar = RunProgress(cfg.train.steps, start, enabled=progress and is_main())
-    for step in range(start, cfg.train.steps):
-        with _explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar):
-            metrics = run_step(s, cfg, step)
-            if extrapolator is not None and extrapolator.due(step + 1):
-                metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
+    with StopRequests() as stop:  # the first SIGINT / SIGTERM sets stop.signum (esr/train/stopping.py)
+        for step in range(start, cfg.train.steps):
+            with _explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar):
+                metrics = run_step(s, cfg, step)
+                if extrapolator is not None and extrapolator.due(step + 1):
+                    metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
 
-        # Log, show, checkpoint.
-        log.write(metrics)
-        bar.update(metrics)
-        if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-            bar.close()
-            raise NonFiniteLossError(
-                f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
-                f"see {log.path}. Lower train.lr, check the teacher's logits, or raise train.max_nonfinite."
-            )
-        # An evaluation step always gets a checkpoint, so the best one by eval.metric can be loaded.
-        if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps or evals.due(step + 1):
-            full = _gather_sharded(s, cfg) if cfg.train.fsdp else None  # every process takes part
-            ckpt = main_only(save_checkpoint, run_dir, step + 1, s.student, s.tokenizer, s.optimizer, s.scheduler,
-                             cfg, {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator, full)
-        if evals.due(step + 1):
-            row = main_only(evals.run, step + 1, s.student, s.tokenizer, ckpt)
-            log.scalars("eval", step + 1, row)
-            bar.note(f"eval step {step + 1}: {cfg.eval.metric} {row[cfg.eval.metric]:.3f}")
+            # Log, show, checkpoint.
+            log.write(metrics)
+            bar.update(metrics)
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                bar.close()
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
+                    f"{step + 1}); see {log.path}. Lower train.lr, check the teacher's logits, or raise "
+                    "train.max_nonfinite.")
+            # An evaluation step always gets a checkpoint, so the best one by eval.metric can be loaded.
+            due = (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps or evals.due(step + 1)
+            if due:
+                ckpt = _checkpoint(s, cfg, run_dir, step + 1, nonfinite_in_a_row, extrapolator)
+            if evals.due(step + 1):
+                row = main_only(evals.run, step + 1, s.student, s.tokenizer, ckpt)
+                log.scalars("eval", step + 1, row)
+                bar.note(f"eval step {step + 1}: {cfg.eval.metric} {row[cfg.eval.metric]:.3f}")
+            # A stop asked for during this step (in any process): checkpoint it if the cadence did not, and end here.
+            signum = largest(stop.signum or 0)
+            if signum and step + 1 < cfg.train.steps:
+                if not due:
+                    ckpt = _checkpoint(s, cfg, run_dir, step + 1, nonfinite_in_a_row, extrapolator)
+                bar.close()
+                raise RunStopped(signum, step + 1, run_dir, ckpt)
     bar.close()
     return ckpt
+
+
+def _checkpoint(s: Session, cfg: Config, run_dir: Path, step: int, nonfinite_in_a_row: int,
+                extrapolator: Extrapolator | None) -> Path:
+    """Write the checkpoint of ``step`` (rank 0; with FSDP every process first gathers its shards)."""
+    full = _gather_sharded(s, cfg) if cfg.train.fsdp else None  # every process takes part
+    return main_only(save_checkpoint, run_dir, step, s.student, s.tokenizer, s.optimizer, s.scheduler, cfg,
+                     {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator, full)
 
 
 def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator: Extrapolator | None,
@@ -180,6 +206,9 @@ def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator:
 
 
 def _write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
+    """run.json: the session's facts, and the extensions recorded so far (esr/train/extend.py)."""
+    recorded = extensions(run_dir)
+    info = {**info, EXTENSIONS: recorded} if recorded else info
     tmp = run_dir / f".run.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, run_dir / "run.json")

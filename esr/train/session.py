@@ -282,7 +282,11 @@ def _vocabulary_info(vocab: Vocabularies, eos_ids: list[int], pad_id: int,
 
 def make_optimizer(student: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer,
                                                               torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the student's trainable parameters, with a linear warm-up over ``train.warmup_steps``."""
+    """AdamW over the student's trainable parameters, with a linear warm-up over ``train.warmup_steps``, then a
+    constant ``train.lr``. The rate of a step depends on the step alone, never on ``train.steps``: a run extended
+    with ``esr train --resume RUN train.steps=N`` keeps the schedule it had (warm-up included) and ends exactly where
+    a run started with N ends (esr/train/extend.py). A schedule that decays toward ``train.steps`` would break that,
+    and would have to say what an extension does to it."""
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     warmup = cfg.train.warmup_steps

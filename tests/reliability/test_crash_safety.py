@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from esr_process import esr_cmd, esr_env
 from safetensors.torch import load_file
 
 from esr.config import load_config
@@ -148,14 +149,25 @@ def test_a_kill_while_resaving_a_step_keeps_the_old_copy(tmp_path, needs_smollm2
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_polite_stops_leave_a_resumable_folder(tmp_path, signal_name, needs_smollm2_package):
-    """SIGTERM / Ctrl-C (SIGINT) at a random moment: the folder resumes to the same end as SIGKILL's."""
-    args = [sys.executable, "-c", CHILD, str(tmp_path / "r"), json.dumps(OVERRIDES), "none", "0"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    """SIGTERM / Ctrl-C (SIGINT) to `esr train` at a random moment: before the steps begin, Python's own behaviour
+    (death by SIGTERM, KeyboardInterrupt); during them, a graceful stop after the step, checkpointed
+    (tests/reliability/test_graceful_stop.py). Either way the folder resumes to the end, every step logged once."""
+    run, sig = tmp_path / "r", getattr(signal, signal_name)
+    proc = subprocess.Popen(esr_cmd("train", SMOKE, *OVERRIDES, "--out", run, "--no-progress"), env=esr_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2])
     try:
         proc.wait(timeout=7.0)
     except subprocess.TimeoutExpired:
-        proc.send_signal(getattr(signal, signal_name))
-    proc.communicate()
-    assert _attempt(tmp_path / "r", "none", 0, random.Random(0)) == 0
-    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+        proc.send_signal(sig)
+    err = proc.communicate()[1].decode()
+    assert "Traceback" not in err or proc.returncode == -sig, err[-3000:]  # a signal during imports: Python's
+    if proc.returncode != 0 and "stopped after step" in err:  # graceful: the step it finished is checkpointed
+        assert proc.returncode == 128 + sig, err[-3000:]
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, steps[-1] + 1)) and f"stopped after step {steps[-1]} " in err
+        assert (run / "checkpoints" / f"step-{steps[-1]:06d}" / "trainer" / "trainer_state.json").is_file()
+    else:  # finished, or stopped before the steps began (or a second signal's at-once path)
+        assert proc.returncode in (0, 128 + sig, -sig), err[-3000:]
+    assert _attempt(run, "none", 0, random.Random(0)) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
