@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
+    _add_train_parser(verbs)
+    _add_generate_parser(verbs)
+    _add_eval_parser(verbs)
+    add_diagnostic_parsers(verbs)
+    add_serve_parser(verbs)
+    add_check_parser(verbs)
+    _add_report_parser(verbs)
+    _add_models_parser(verbs)
+    return parser
+
+
+def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
     t = verbs.add_parser("train", help="distil a student from a teacher", epilog=EXAMPLES,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
@@ -50,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(extend the run), train.checkpoint_every and eval.every")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or per-step lines")
 
+
+def _add_generate_parser(verbs: argparse._SubParsersAction) -> None:
     g = verbs.add_parser("generate", help="sample from a model, preset or checkpoint")
     g.add_argument("model", help="zoo preset, local folder, checkpoint folder or hub id")
     g.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
@@ -60,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true", help="run Python shipped with a hub model")
     g.add_argument("--allow-pickle", action="store_true", help="load pickle weights (.bin/.pt): they can run code")
 
+
+def _add_eval_parser(verbs: argparse._SubParsersAction) -> None:
     e = verbs.add_parser("eval", help="evaluate a model, checkpoint or every checkpoint of a run on a task")
     e.add_argument("model", help="zoo preset, folder, checkpoint, hub id, or a run folder (all its checkpoints)")
     e.add_argument("--task", required=True,
@@ -76,10 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true", help="run Python shipped with a hub model")
     e.add_argument("--allow-pickle", action="store_true", help="load pickle weights (.bin/.pt): they can run code")
 
-    add_diagnostic_parsers(verbs)
-    add_serve_parser(verbs)
-    add_check_parser(verbs)
 
+def _add_report_parser(verbs: argparse._SubParsersAction) -> None:
     r = verbs.add_parser("report", help="compare run folders in one HTML page and a markdown twin",
                          epilog="example:\n  esr report runs/esr-100 runs/full-400 --out reports/esr-vs-full.html",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--analysis", action="append", type=Path, default=[],
                    help="analysis outputs kept outside the run folders (JSON/PNG files or folders); repeatable")
 
+
+def _add_models_parser(verbs: argparse._SubParsersAction) -> None:
     m = verbs.add_parser("models", help="list zoo presets, or prepare one")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     m.add_argument("name", nargs="?", help="preset to prepare")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
