@@ -29,5 +29,5 @@ def explain_engine_failure(step: int, run_dir: Path, last_checkpoint: Path | Non
         kept = (f"the last checkpoint, {last_checkpoint.name}, is intact" if last_checkpoint is not None
                 else "no checkpoint was written yet (a resume starts from step 1)")
         message = str(err).rstrip(". ")
-        raise type(err)(f"step {step} failed: {message}. Nothing of step {step} was written and {kept}: once the "
-                        f"engine answers again, continue with `esr train --resume {run_dir}`", err.status) from err
+        raise type(err)(f"step {step}: {message}. Nothing of step {step} was written and {kept}: once the cause is "
+                        f"fixed, continue with `esr train --resume {run_dir}`", err.status) from err
