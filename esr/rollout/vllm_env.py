@@ -76,7 +76,7 @@ def engine_errors(engine: str, max_model_len: int) -> Iterator[None]:
         exceptions = sys.modules.get("vllm.exceptions")
         if exceptions is None or not isinstance(err, exceptions.VLLMError):
             raise
-        cause = " ".join(str(err).split()) or "no message"
+        cause = " ".join(str(err).split()).rstrip(". ") or "no message"
         hint = ""
         if "context length" in cause or "max_model_len" in cause or "maximum model length" in cause:
             hint = (f"; its context is {max_model_len} tokens (rollout.vllm.max_model_len; unset, the longest prompt "
