@@ -31,9 +31,9 @@ Failures follow ``esr.http``: connection errors, 5xx and 429 are retried ``rollo
 (the default, 10, waits about 150 s: long enough for a server to restart), a request waits at most
 ``rollout.vllm.timeout_s``; then ``VLLMServerError`` names the URL. A server that restarted has lost the adapter
 (vLLM keeps them in memory): a completion naming it answers 404, so the sampler loads the step's adapter again from
-its folder (once per loss, whichever row notices first) and repeats the request. A server that stays down ends the
-run with one line; the checkpoints written so far stay, and ``esr train --resume RUN`` continues once a server is
-back (``esr.train.engine_failure``).
+its folder (once each time the server loses it, whichever row notices first) and repeats the request. A server
+that stays down ends the run with one line; the checkpoints written so far stay, and ``esr train --resume RUN``
+continues once a server is back (``esr.train.engine_failure``).
 """
 
 from __future__ import annotations
