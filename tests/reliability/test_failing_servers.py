@@ -6,7 +6,8 @@ and SIGKILLed (no cleanup, as a crash or an OOM kill) at a chosen moment, when t
 then started again at the same port; the run is an `esr train` child. A server that keeps answering 503 is a
 fault-injecting proxy: a real HTTP server (``http.server`` in a thread of this process) in front of the real teacher
 server, which forwards every request until the test tells it to answer ``503`` with a message. The resumes after a
-failure run in this process (``esr.cli.main``): the child already proved the command line.
+failure run in this process (``esr.cli.main``; the child already proved the command line), against the same teacher
+served from this process (``BackgroundServer``), as is the server behind the proxy.
 """
 
 from __future__ import annotations
@@ -92,6 +93,22 @@ def teacher_server(tmp_path_factory: pytest.TempPathFactory, needs_smollm2_packa
         server.kill()
 
 
+@pytest.fixture(scope="module")
+def teacher_app(needs_smollm2_package: None) -> Any:
+    """The same teacher server as an app for ``BackgroundServer`` (in this process: it starts in a second, where a
+    child takes 10-20 s), for the servers that are not the fault under test."""
+    from esr.models import load_model
+    from esr.serve.server import build_app
+
+    return build_app(*load_model("tiny-teacher"), token=TOKEN, model_name="tiny-teacher")
+
+
+def _serve_in_process(app: Any, port: int = 0) -> Any:
+    from esr.serve.server import BackgroundServer
+
+    return BackgroundServer(app, port=port).start()
+
+
 @pytest.fixture(autouse=True)
 def token_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESR_TEACHER_TOKEN", TOKEN)  # for the resumes and baselines in this process
@@ -133,7 +150,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 600) -> subprocess.Com
 
 
 def _failed_step(message: str) -> int:
-    return int(message.split("step ", 1)[1].split(" ", 1)[0])
+    return int(message.removeprefix("esr: error: step ").split(":", 1)[0])
 
 
 def _resume_in_process(run: Path) -> None:
@@ -146,6 +163,8 @@ def test_a_teacher_server_that_restarts_mid_run_costs_the_run_nothing(teacher_se
                                                                      tmp_path: Path) -> None:
     """Killed when step 1 is logged, started again 2 s later at the same port: the client's default retries (10,
     about 150 s) wait for it and the run ends exactly where an uninterrupted one does."""
+    if teacher_server.proc is None:  # the test that leaves it down ran first
+        teacher_server.start()
     run = tmp_path / "run"
     proc = _start_run(teacher_server.url, run)  # teacher.retries at its default
     _wait_for_step(run, proc, 1)
@@ -175,23 +194,27 @@ def test_a_teacher_server_that_restarts_mid_run_costs_the_run_nothing(teacher_se
 
 
 def test_a_teacher_server_that_stays_down_stops_the_run_with_one_line(teacher_server: TeacherServer,
-                                                                     tmp_path: Path) -> None:
+                                                                     teacher_app: Any, tmp_path: Path) -> None:
+    """SIGKILLed when step 1 is logged and left down (the module's last use of the child server); the resume runs
+    against the same teacher served from this process at the same port."""
+    if teacher_server.proc is None:
+        teacher_server.start()
     run = tmp_path / "run"
     proc = _start_run(teacher_server.url, run, "teacher.retries=2")
     _wait_for_step(run, proc, 1)
     teacher_server.kill()
+    message = assert_user_error(_finish(proc), "teacher server (teacher.url)", f"{teacher_server.url}/v1/score",
+                                "gave up after 3 attempts", "Connection refused", f"esr train --resume {run}")
+    print(message)
+    failed = _failed_step(message)
+    assert _logged_steps(run) == list(range(1, failed)), message  # complete lines, each step once
+    kept = "step-000002" if failed > 2 else "no checkpoint was written yet"
+    assert kept in message, message
+    back = _serve_in_process(teacher_app, teacher_server.port)
     try:
-        message = assert_user_error(_finish(proc), "teacher server (teacher.url)", f"{teacher_server.url}/v1/score",
-                                    "gave up after 3 attempts", "Connection refused",
-                                    f"esr train --resume {run}")
-        print(message)
-        failed = _failed_step(message)
-        assert _logged_steps(run) == list(range(1, failed)), message  # complete lines, each step once
-        kept = "step-000002" if failed > 2 else "no checkpoint was written yet"
-        assert kept in message, message
+        _resume_in_process(run)
     finally:
-        teacher_server.start()
-    _resume_in_process(run)
+        back.stop()
 
 
 class FailingProxy:
@@ -235,9 +258,10 @@ class FailingProxy:
         self.httpd.server_close()
 
 
-def test_a_teacher_server_that_keeps_answering_503_stops_the_run_with_its_message(teacher_server: TeacherServer,
+def test_a_teacher_server_that_keeps_answering_503_stops_the_run_with_its_message(teacher_app: Any,
                                                                                  tmp_path: Path) -> None:
-    proxy = FailingProxy(teacher_server.url)
+    server = _serve_in_process(teacher_app)
+    proxy = FailingProxy(server.url)
     try:
         run = tmp_path / "run"
         proc = _start_run(proxy.url, run, "teacher.retries=2")
@@ -253,3 +277,4 @@ def test_a_teacher_server_that_keeps_answering_503_stops_the_run_with_its_messag
         _resume_in_process(run)
     finally:
         proxy.close()
+        server.stop()
