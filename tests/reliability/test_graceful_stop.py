@@ -24,6 +24,10 @@ from esr.train import train
 SMOKE = "configs/smoke.yaml"
 LONG = ["train.steps=40", "train.checkpoint_every=1000"]  # long enough to be stopped; no checkpoint by cadence
 LIGHT = ["train.batch_size=2", "rollout.n=8"]  # cheaper steps where their length does not matter
+# Steps of ~3.5 s (every rollout 384 tokens long) where a second signal must land inside the step the first one
+# announced: a default smoke step (~0.3 s) can end before it arrives on a loaded machine, and the run then stops
+# gracefully instead (seen once in CI).
+SLOW = ["rollout.horizon=full", "rollout.max_new_tokens=384", "rollout.min_new_tokens=384"]
 
 
 class Child:
@@ -99,7 +103,7 @@ def test_first_signal_finishes_the_step_checkpoints_and_prints_the_resume_comman
 
 def test_a_second_signal_stops_at_once_and_the_folder_still_resumes(tmp_path, needs_smollm2_package):
     run = tmp_path / "run"
-    child = Child("train", SMOKE, *LONG, "train.checkpoint_every=2", "--out", run, "--no-progress")
+    child = Child("train", SMOKE, *LONG, *SLOW, "train.checkpoint_every=2", "--out", run, "--no-progress")
     # After step 3's line (no checkpoint due at 3), so the signals land in step 4's work.
     child.wait_for("step 3 in metrics.jsonl", lambda: len(_logged_steps(run, torn_ok=True)) >= 3)
     child.proc.send_signal(signal.SIGINT)
