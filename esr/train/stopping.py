@@ -1,6 +1,7 @@
 """A graceful first stop: the first Ctrl-C (SIGINT) or SIGTERM during the step loop lets the current step finish,
 checkpoint and end the run with ``RunStopped``; a second one stops at once, as without esr's handlers
-(``KeyboardInterrupt`` for SIGINT, death by the signal for SIGTERM).
+(``KeyboardInterrupt`` for SIGINT, death by the signal for SIGTERM), also where the process inherited the signal as
+ignored (a shell script starts ``cmd &`` with SIGINT ignored).
 
 The handlers are installed only while the step loop runs (``StopRequests`` is a context manager; the previous
 handlers come back on exit) and only in the main thread, where Python delivers signals. A signal before the loop
@@ -69,5 +70,8 @@ class StopRequests:
         self.__exit__(None, None, None)  # from here on, what was there before handles every signal
         if callable(previous):
             previous(signum, frame)  # SIGINT's default_int_handler raises KeyboardInterrupt
-        elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signum)  # the default action: SIGTERM ends the process
+        elif signum == signal.SIGINT:  # inherited as ignored (a script's `cmd &`): a second Ctrl-C still stops
+            raise KeyboardInterrupt
+        else:  # the default action, even where the signal was inherited as ignored: SIGTERM ends the process
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)

@@ -25,17 +25,18 @@ SMOKE = "configs/smoke.yaml"
 LONG = ["train.steps=40", "train.checkpoint_every=1000"]  # long enough to be stopped; no checkpoint by cadence
 LIGHT = ["train.batch_size=2", "rollout.n=8"]  # cheaper steps where their length does not matter
 # Steps of ~3.5 s (every rollout 384 tokens long) where a second signal must land inside the step the first one
-# announced: a default smoke step (~0.3 s) can end before it arrives on a loaded machine, and the run then stops
-# gracefully instead (seen once in CI).
+# announced: a default smoke step (~0.3 s) can end before it arrives on a loaded machine.
 SLOW = ["rollout.horizon=full", "rollout.max_new_tokens=384", "rollout.min_new_tokens=384"]
 
 
 class Child:
     """`esr train ...` in a child process, its stderr collected line by line as it comes."""
 
-    def __init__(self, *args: str | Path) -> None:
+    def __init__(self, *args: str | Path, sigint_ignored: bool = False) -> None:
+        """``sigint_ignored``: start it with SIGINT ignored, as a shell script's ``esr train ... &`` does."""
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         self.proc = subprocess.Popen(esr_cmd(*args), cwd=REPO, env=esr_env(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -101,11 +102,15 @@ def test_first_signal_finishes_the_step_checkpoints_and_prints_the_resume_comman
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_a_second_signal_stops_at_once_and_the_folder_still_resumes(tmp_path, needs_smollm2_package):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_a_second_signal_stops_at_once_and_the_folder_still_resumes(tmp_path, needs_smollm2_package, inherited):
     run = tmp_path / "run"
-    child = Child("train", SMOKE, *LONG, *SLOW, "train.checkpoint_every=2", "--out", run, "--no-progress")
-    # After step 3's line (no checkpoint due at 3), so the signals land in step 4's work.
+    child = Child("train", SMOKE, *LONG, *SLOW, "train.checkpoint_every=2", "--out", run, "--no-progress",
+                  sigint_ignored=inherited == "ignored")
+    # After step 3's line (no checkpoint due at 3) and past step 3's stop check (which follows its line at once), so
+    # both signals land in step 4's work: a signal sent just as the line appears can still stop after step 3.
     child.wait_for("step 3 in metrics.jsonl", lambda: len(_logged_steps(run, torn_ok=True)) >= 3)
+    time.sleep(1.0)
     child.proc.send_signal(signal.SIGINT)
     child.wait_for("the first signal's note", lambda: "SIGINT received" in child.stderr)
     child.proc.send_signal(signal.SIGINT)  # while the step is still under way: today's KeyboardInterrupt
