@@ -56,6 +56,23 @@ def time_refresh(copy: SamplingCopy, model: torch.nn.Module, repeats: int) -> li
     return out
 
 
+def time_sampling(arms: dict[str, HFSampler], prompts: list[list[int]], tokens: int,
+                  repeats: int) -> dict[str, list[float]]:
+    """Tokens per second of each arm, ``repeats`` times in turn (after one short warm-up each)."""
+    for sampler in arms.values():
+        sampler.sample(prompts, 8, seed=0)  # warm-up
+    tps: dict[str, list[float]] = {name: [] for name in arms}
+    for r in range(repeats):
+        for name, sampler in arms.items():
+            t0 = time.perf_counter()
+            out = sampler.sample(prompts, tokens, seed=r + 1)
+            seconds = time.perf_counter() - t0
+            assert int(out.lengths_B.min()) == tokens, "every row must make exactly --tokens tokens"
+            tps[name].append(len(prompts) * tokens / seconds)
+            print(f"repeat {r + 1} {name}: {tps[name][-1]:.1f} tokens/s", flush=True)
+    return tps
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -91,17 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     kw = dict(eos_token_ids=eos, pad_token_id=tok.pad_token_id, temperature=0.7, min_new_tokens=args.tokens)
     arms = {"float32": HFSampler(peft_model, **kw),
             "bfloat16 copy": HFSampler(peft_model, sampling_copy=lora_copy, **kw)}
-    for sampler in arms.values():
-        sampler.sample(prompts, 8, seed=0)  # warm-up
-    tps: dict[str, list[float]] = {name: [] for name in arms}
-    for r in range(args.repeats):
-        for name, sampler in arms.items():
-            t0 = time.perf_counter()
-            out = sampler.sample(prompts, args.tokens, seed=r + 1)
-            seconds = time.perf_counter() - t0
-            assert int(out.lengths_B.min()) == args.tokens, "every row must make exactly --tokens tokens"
-            tps[name].append(len(prompts) * args.tokens / seconds)
-            print(f"repeat {r + 1} {name}: {tps[name][-1]:.1f} tokens/s", flush=True)
+    tps = time_sampling(arms, prompts, args.tokens, args.repeats)
 
     result = {
         "model": args.model, "batch": args.batch, "new_tokens": args.tokens, "repeats": args.repeats,
