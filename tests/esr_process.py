@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +45,22 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> 
     for needle in needles:
         assert needle in message, f"{needle!r} not in {message!r}"
     return message
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float, what: str) -> bool:
+    """Poll ``url``/health until it answers 200 (True), the server process exits, or ``timeout`` seconds pass
+    (False: the caller kills it and fails). An exit fails the test with the end of ``log``."""
+    import pytest
+    import requests  # here, not at the top: the modules without servers must not need it
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/health", timeout=2).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return False

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from esr_process import assert_user_error, esr_cmd, esr_env
+from esr_process import assert_user_error, esr_cmd, esr_env, wait_until_healthy
 from safetensors.torch import load_file
 
 requests = pytest.importorskip("requests")
@@ -63,16 +63,8 @@ class TeacherServer:
                                                  "--log-level", "warning"),
                                          env=esr_env(ESR_TEACHER_TOKEN=TOKEN), stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the teacher server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+        if wait_until_healthy(self.proc, self.url, self.log, START_TIMEOUT_S, "the teacher server"):
+            return self
         self.kill()
         pytest.fail(f"the teacher server did not come up in {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
 

