@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from esr.config.checks import ConfigError, check_engines, check_loss, check_remote_teacher
+from esr.config.inputs import DataConfig, ModelConfig, TeacherConfig, TeacherEngine
 from esr.config.ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Range, at_least, between, check_ranges, ranged
+from esr.config.rollout import Horizon, RolloutConfig, RolloutDType, RolloutEngine, VllmConfig
 
-Horizon = Literal["full", "esr", "progressive", "ratio"]
+__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "Horizon", "LoraConfig",
+           "LossConfig", "ModelConfig", "OptimConfig", "RolloutConfig", "RolloutDType", "RolloutEngine", "Select",
+           "TeacherConfig", "TeacherEngine", "TrainConfig", "VllmConfig"]
+
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled", "topk"]
 CrossTokenizer = Literal["aligned-exact", "span-sampled"]
 Select = Literal["all", "first-n", "last-n", "middle-n", "random-n", "top-kl-n", "top-student-entropy-n",
@@ -24,134 +29,6 @@ ExtrapolateSchedule = Literal["powers-of-two", "every"]
 ExtrapolateProbe = Literal["reverse_kl", "eval"]
 ExtrapolateParams = Literal["attention-mlp", "trainable"]
 OptimizerState = Literal["keep", "reset"]
-RolloutEngine = Literal["hf", "hf-compiled", "vllm", "vllm-server"]
-TeacherEngine = Literal["hf", "vllm", "vllm-server"]
-RolloutDType = Literal["auto", "float32", "bfloat16"]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "qwen2.5-coder-0.5b-instruct"
-    """A zoo preset (`esr models`), a local folder, or a hub id."""
-    trust_remote_code: bool = False
-    """Run Python shipped with a hub model. Off unless you trust the model's authors."""
-    allow_pickle: bool = False
-    """Load pickle weights (`pytorch_model.bin`, `.pt`, `.pth`, `.ckpt`) when a folder or hub id has no safetensors.
-    Off because unpickling a file can run code hidden in it; convert such a model to safetensors where you can."""
-
-
-@dataclass(frozen=True)
-class TeacherConfig(ModelConfig):
-    """The teacher: a model loaded locally (``name``), or a server that scores tokens (``url``; then ``name`` is only
-    what the messages suggest serving). The remote fields mean nothing for the student, so they live here."""
-
-    url: str | None = None
-    """http(s) URL of a teacher server (`esr serve-teacher MODEL`, or `vllm serve` with dialect openai), e.g.
-    `http://10.0.0.5:8000`. Set: the teacher is not loaded locally and only `loss.kind=sampled|topk` work (the server
-    returns log p_t of the sampled tokens and the top-k, not the distribution). No credentials in it: see
-    `token_env`."""
-    dialect: Literal["esr", "openai"] = "esr"
-    """`esr` (esr's /v1/score) or `openai` (vLLM's /v1/completions with prompt_logprobs)."""
-    model: str | None = None
-    """The served model's name sent in openai-dialect requests (vLLM wants it); None: the server's first model."""
-    token_env: str | None = None
-    """Name of the environment variable holding the server's bearer token (never the token itself). None:
-    ESR_TEACHER_TOKEN when it is set, else no token (as `esr serve-teacher` does)."""
-    timeout_s: float = ranged(120.0, POSITIVE)
-    """Seconds a request may wait for the server's answer before the step fails (not retried)."""
-    retries: int = ranged(10, at_least(0))
-    """Retries of a request after a connection error, a 5xx or a 429, with exponential backoff (0.5 s doubling, at
-    most 30 s between tries, jittered): 10 wait about 150 s (at least 75 s), long enough for a server to restart."""
-    max_batch_sequences: int = ranged(16, at_least(1))
-    """Sequences per HTTP request (a step's batch is sent in several requests when larger)."""
-    engine: TeacherEngine = "hf"
-    """What scores the rollouts: `hf` (the teacher loaded here, full distribution: every loss.kind; with
-    `teacher.url`, a server as `dialect` says), `vllm` (an in-process vLLM engine, esr/teacher/vllm_score.py: the
-    teacher is never loaded with HF; its `prompt_logprobs`, top-`loss.top_k`, feed loss.kind=topk|sampled; same
-    tokenizer as the student only; KV cache `rollout.vllm.kv_cache_gib`, context `rollout.vllm.max_model_len`) or
-    `vllm-server` (a vLLM server at `teacher.url`, needs `teacher.dialect=openai`: loss.kind=sampled|topk; its
-    `--max-logprobs`, default 20, bounds `loss.top_k`)."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = "gsm_symbolic"
-    """`gsm_symbolic` (offline generator), `gsm8k`, `math`, `jsonl` (prompt or messages rows), or `hf:<dataset>`."""
-    path: str | None = None
-    """JSONL file for `gsm8k`, `math` and `jsonl` sources."""
-    split: str = "train"
-    """Split for `hf:` sources."""
-    size: int = ranged(2000, at_least(1))
-    """How many problems the `gsm_symbolic` generator makes."""
-    limit: int | None = ranged(None, at_least(1))
-    """Use at most this many rows (after skipping malformed ones)."""
-    seed: int = ranged(0, SEED)
-    """Seed of the generator and of the prompt order."""
-    system_prompt: str | None = None
-    """Optional system message put before every prompt."""
-    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    """Appended to each math question (not to `jsonl` prompts, which are used as written)."""
-    max_prompt_tokens: int = ranged(512, at_least(1))
-    """Prompts longer than this (in student tokens) are skipped and counted."""
-
-
-@dataclass(frozen=True)
-class VllmConfig:
-    url: str | None = None
-    """`rollout.engine=vllm-server`: the server's http(s) URL (`python -m vllm.entrypoints.openai.api_server --model
-    STUDENT --enable-lora`, started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), e.g. `http://10.0.0.5:8000`."""
-    model: str | None = None
-    """The served base model's name in requests; None: the server's first model."""
-    timeout_s: float = ranged(600.0, POSITIVE)
-    """Seconds a request may wait for the server before the step fails."""
-    retries: int = ranged(10, at_least(0))
-    """Retries after a connection error, a 5xx or a 429, with exponential backoff (0.5 s doubling, at most 30 s between
-    tries, jittered): 10 wait about 150 s (at least 75 s), long enough for a server to restart."""
-    kv_cache_gib: float = ranged(1.0, POSITIVE)
-    """`rollout.engine=vllm` and `teacher.engine=vllm`: GiB reserved for the KV cache (vLLM's own default takes 92%
-    of a CPU machine's RAM)."""
-    lora_sync: Literal["merged", "adapter"] = "merged"
-    """`rollout.engine=vllm` with LoRA: `merged` reloads the adapted layers' merged weights W + scale * B @ A in place
-    every step (the engine samples at its plain speed), `adapter` hands the adapter over as a new LoRARequest
-    (vLLM applies it at run time: on this CPU 1.9x slower sampling in fp32, 2.2x in bf16; BENCHMARKS.md)."""
-    max_model_len: int | None = ranged(None, at_least(2))
-    """`rollout.engine=vllm` and `teacher.engine=vllm`: the engines' context length; None: the longest prompt plus
-    rollout.max_new_tokens."""
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    horizon: Horizon = "esr"
-    """How many tokens each rollout may have: `esr` (N), `full` (T), `progressive` (POPD), `ratio` (TOPD)."""
-    n: int = ranged(100, at_least(1))
-    """ESR's N: the rollout stops after the first N new tokens (or at EOS)."""
-    max_new_tokens: int = ranged(512, at_least(1))
-    """T: the full-rollout length and the cap of every horizon."""
-    h0: int = ranged(50, at_least(1))
-    """Progressive: the first horizon H_0."""
-    dh: int = ranged(50, at_least(0))
-    """Progressive: horizon growth dH every `every` steps."""
-    every: int = ranged(10, at_least(1))
-    """Progressive: steps between growths (dk)."""
-    rho: float = ranged(0.1, between(0, 1, lo_open=True))
-    """Ratio (TOPD): horizon = rho * T."""
-    min_new_tokens: int = ranged(0, at_least(0))
-    """Force at least this many new tokens (benchmarks use it to compare equal lengths)."""
-    temperature: float = ranged(0.7, POSITIVE)
-    """Sampling temperature (the paper's 0.7). The loss compares the untempered distributions."""
-    top_p: float = ranged(1.0, between(0, 1, lo_open=True))
-    """Nucleus sampling mass."""
-    batch_size: int | None = ranged(None, at_least(1))
-    """Sequences generated together; None generates the whole step's batch at once."""
-    engine: RolloutEngine = "hf"
-    """What samples the rollouts (esr/rollout/engine.py): `hf` (Hugging Face generate on the trainer's own model),
-    `hf-compiled` (static KV cache and torch.compile: a GPU decode path without vLLM), `vllm` (an in-process vLLM
-    engine, weights synced every step) or `vllm-server` (a vLLM server at `rollout.vllm.url`)."""
-    dtype: RolloutDType = "auto"
-    """Sampling precision: `auto` (the trainer's, train.dtype), `float32` or `bfloat16` (2-3x faster sampling on CPUs
-    with AVX-512 BF16 and on GPUs; the trainer keeps its own dtype, and the loss is computed in float32)."""
-    vllm: VllmConfig = field(default_factory=lambda: VllmConfig())
-    """Settings of the vLLM engines (`rollout.engine=vllm|vllm-server`)."""
 
 
 @dataclass(frozen=True)
