@@ -1,6 +1,6 @@
 """``rollout.engine=vllm``: rollouts from an in-process ``vllm.LLM`` that shares the machine with the trainer.
 
-Per step (``esr.train.loop._sample``):
+Per step (``esr.train.run_step._sample``):
 
     sync_weights(student)   full fine-tuning: every weight is reloaded in place (``reload_weights``, which handles
                             the CPU backend's repacked layers); LoRA (``rollout.vllm.lora_sync=merged``, default):

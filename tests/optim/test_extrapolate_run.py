@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import esr.train.run_step as step_module
 from esr.analysis.rollout_scores import score_rollouts
 from esr.config import load_config
 from esr.optim.probe import build_kl_probe, load_rollouts, probe_prompts
-from esr.train import loop as loop_module
 from esr.train import resume, train
 from esr.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from esr.train.session import build_session
@@ -47,7 +47,7 @@ def test_resume_with_extrapolation_matches_an_uninterrupted_run(tmp_path, monkey
     assert all(r["seconds_extrapolate"] > 0 for r in whole.metrics if r["step"] in (1, 2, 4))
 
     calls = {"n": 0}
-    real = loop_module.distill_micro_batch
+    real = step_module.distill_micro_batch
 
     def crash_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -55,10 +55,10 @@ def test_resume_with_extrapolation_matches_an_uninterrupted_run(tmp_path, monkey
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "distill_micro_batch", crash_in_step_3)
+    monkeypatch.setattr(step_module, "distill_micro_batch", crash_in_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(loop_module, "distill_micro_batch", real)
+    monkeypatch.setattr(step_module, "distill_micro_batch", real)
     # A crashed run may have logged an event past its last checkpoint: resume must forget it.
     with open(tmp_path / "crashed" / "extrapolate" / "events.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "score_before": 0.0}) + "\n")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import esr.train.run_step as step_module
 from esr.cli import main
 from esr.config import load_config
 from esr.teacher.score import LocalScorer
 from esr.train import NonFiniteLossError, RunFolderError, resume, train
-from esr.train import loop as loop_module
 
 SMOKE = "configs/smoke.yaml"
 
@@ -68,7 +68,7 @@ def test_resume_after_crash_reaches_the_same_weights(tmp_path, monkeypatch, fine
     whole = train(load_config(SMOKE, overrides), tmp_path / "whole", progress=False)
 
     calls = {"n": 0}
-    real = loop_module.distill_micro_batch
+    real = step_module.distill_micro_batch
 
     def crash_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -76,10 +76,10 @@ def test_resume_after_crash_reaches_the_same_weights(tmp_path, monkeypatch, fine
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "distill_micro_batch", crash_in_step_3)
+    monkeypatch.setattr(step_module, "distill_micro_batch", crash_in_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(loop_module, "distill_micro_batch", real)
+    monkeypatch.setattr(step_module, "distill_micro_batch", real)
     assert len((tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()) == 2
 
     resumed = resume(tmp_path / "crashed", progress=False)
@@ -137,7 +137,7 @@ def test_resume_with_random_n_selection_is_bit_exact(tmp_path, monkeypatch):
     assert all(r["tokens_scored"] <= 5 * 4 for r in whole.metrics)
 
     calls = {"n": 0}
-    real = loop_module.distill_micro_batch
+    real = step_module.distill_micro_batch
 
     def crash_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -145,10 +145,10 @@ def test_resume_with_random_n_selection_is_bit_exact(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "distill_micro_batch", crash_in_step_3)
+    monkeypatch.setattr(step_module, "distill_micro_batch", crash_in_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(loop_module, "distill_micro_batch", real)
+    monkeypatch.setattr(step_module, "distill_micro_batch", real)
     resumed = resume(tmp_path / "crashed", progress=False)
     assert _stable(resumed.metrics) == _stable(whole.metrics)
     a = load_file(whole.last_checkpoint / "adapter_model.safetensors")

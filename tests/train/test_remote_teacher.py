@@ -18,6 +18,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("requests")
 
+import esr.train.run_step as step_module  # noqa: E402
 from esr.cli import main  # noqa: E402
 from esr.config import ConfigError, LossConfig, load_config  # noqa: E402
 from esr.config.checks import TEACHER_SCORE_SELECTORS  # noqa: E402
@@ -29,7 +30,6 @@ from esr.rollout.sampler import HFSampler  # noqa: E402
 from esr.serve.errors import RemoteTeacherError  # noqa: E402
 from esr.teacher.score import LocalScorer  # noqa: E402
 from esr.teacher.targets import ExactTargets  # noqa: E402
-from esr.train import loop as loop_module  # noqa: E402
 from esr.train import resume, train  # noqa: E402
 from esr.train import session as session_module  # noqa: E402
 from esr.train.remote_teacher import connect_remote_teacher  # noqa: E402
@@ -201,7 +201,7 @@ def test_cli_run_with_teacher_url_writes_metrics_and_never_loads_the_teacher(ser
 def test_resume_with_a_remote_teacher_reaches_the_same_weights(server, tmp_path, monkeypatch):
     overrides = remote(server.url, "train.steps=3", "train.checkpoint_every=1")
     whole = train(load_config(SMOKE, overrides), tmp_path / "whole", progress=False)
-    calls, real = {"n": 0}, loop_module.distill_micro_batch
+    calls, real = {"n": 0}, step_module.distill_micro_batch
 
     def crash_in_step_2(*args, **kwargs):
         calls["n"] += 1
@@ -209,10 +209,10 @@ def test_resume_with_a_remote_teacher_reaches_the_same_weights(server, tmp_path,
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop_module, "distill_micro_batch", crash_in_step_2)
+    monkeypatch.setattr(step_module, "distill_micro_batch", crash_in_step_2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(loop_module, "distill_micro_batch", real)
+    monkeypatch.setattr(step_module, "distill_micro_batch", real)
     resumed = resume(tmp_path / "crashed", progress=False)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
     assert strip(resumed.metrics) == strip(whole.metrics) and len(whole.metrics) == 3

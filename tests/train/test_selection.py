@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import esr.train.run_step as step_module
 from esr.config import ConfigError, LossConfig, load_config
 from esr.losses import entropy, reverse_kl
 from esr.models import load_model
 from esr.rollout.sampler import HFSampler
 from esr.teacher.score import LocalScorer
-from esr.train import loop as loop_module
 from esr.train import train
 from esr.train.scores import score_tokens, select_for_step
 
@@ -56,9 +56,9 @@ def grads(model):
 
 
 def loss_pass(session, cfg, rollouts, selection):
-    """The loop's own micro-batch loop (esr.train.loop._loss_pass) for cfg.train.micro_batch_size."""
+    """The loop's own micro-batch loop (esr.train.run_step._loss_pass) for cfg.train.micro_batch_size."""
     session.student.zero_grad()
-    total, _, _ = loop_module._loss_pass(session, cfg, read(session, rollouts), selection, selection.scores)
+    total, _, _ = step_module._loss_pass(session, cfg, read(session, rollouts), selection, selection.scores)
     return total, grads(session.student)
 
 
