@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 import esr.train.run_step as step_module
-from esr.cli import main
 from esr.config import ConfigError, LossConfig, load_config
 from esr.data.order import batch_indices, step_prompts
 from esr.rollout.mixed import merge_rollouts, sample_mixed, teacher_rows
 from esr.rollout.sampler import HFSampler
 from esr.train import resume, train
 from esr.train.run_step import _sample, run_step
+from esr.train.samples import make_teacher_sampler, teacher_rows_seed
 from esr.train.session import build_session
 from esr.train.step import EngineHealth
 
@@ -162,10 +162,36 @@ def test_refused_settings_are_config_errors(overrides, needles):
         assert needle in str(err.value)
 
 
-def test_teacher_share_across_tokenizers_is_a_one_line_user_error(tmp_path, capsys):
-    code = main(["train", SMOKE, "teacher.name=tiny-teacher-qwen", "loss.cross_tokenizer=aligned-exact",
-                 "rollout.teacher_share=0.25", "--out", str(tmp_path / "x")])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("esr: error: ")]
-    assert len(lines) == 1 and "rollout.teacher_share=0.25" in lines[0] and "tokenizer" in lines[0]
+def test_teacher_share_across_tokenizers_is_a_one_line_config_error(k4):
+    """build_session refuses it right after comparing the vocabularies (before the prompts are read); the CLI prints
+    any ConfigError as one line (tests/train/test_loop.py)."""
+    _, s = k4
+    cfg = load_config(SMOKE, ["teacher.name=tiny-teacher-qwen", "loss.cross_tokenizer=aligned-exact",
+                              "rollout.teacher_share=0.25"])
+    with pytest.raises(ConfigError) as err:
+        make_teacher_sampler(cfg, s.teacher, "aligned-exact", eos_token_ids=[0], pad_token_id=0, vocab_size=8)
+    message = str(err.value)
+    assert "\n" not in message and "rollout.teacher_share=0.25" in message and "tokenizer" in message
+    assert make_teacher_sampler(load_config(SMOKE), s.teacher, None, eos_token_ids=[0], pad_token_id=0,
+                                vocab_size=8) is None
+
+
+def test_teacher_rows_on_a_vllm_student_engine_are_left_out_of_its_health_and_tis():
+    """A vLLM engine's log-probs cover the student's rows only: with the teacher's rows counted, delta would be
+    NaN (their log-probs) or log p_trainer itself (if they were 0), far above the fp32 engine's ~1e-6."""
+    pytest.importorskip("vllm", reason="the vllm extra is not installed: pip install 'esr-distill[vllm]'")
+    cfg = load_config(SMOKE, ["student.name=tiny-qwen", "teacher.name=tiny-teacher-qwen", "rollout.engine=vllm",
+                              "rollout.vllm.kv_cache_gib=1", "data.max_prompt_tokens=200",
+                              "rollout.vllm.max_model_len=256", "rollout.teacher_share=0.5", "loss.kind=sampled",
+                              "loss.tis_cap=2.0"])
+    s = build_session(cfg)
+    try:
+        metrics = [run_step(s, cfg, step) for step in range(2)]
+    finally:
+        s.sampler.close()
+    assert [m.teacher_sampled for m in metrics] == [sum(teacher_rows(4, 0.5, teacher_rows_seed(cfg, k)))
+                                                    for k in range(2)]
+    assert 0 < sum(m.teacher_sampled for m in metrics) < 8
+    for m in metrics:
+        assert m.engine_logp_delta_mean is not None and m.engine_logp_delta_mean < 1e-3
+        assert m.loss == m.loss and m.kl_teacher_sampled is not None
