@@ -51,8 +51,8 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
 
     # 4. Teacher scoring (unless the scoring pass ran it) and the student's loss and backward, micro-batch by
     #    micro-batch.
-    loss, kl_B, health = _loss_pass(s, cfg, batch, selection, scores)
-    kl_sum, (kl_teacher, tokens_teacher) = float(kl_B.sum()), teacher_kl(kl_B, selection.select_B_R, from_teacher)
+    loss, kl_sum, kl_B, health = _loss_pass(s, cfg, batch, selection, scores)
+    kl_teacher, tokens_teacher = teacher_kl(kl_B, selection.select_B_R, from_teacher)
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
@@ -102,15 +102,16 @@ def _sample(s: Session, cfg: Config, step: int,
 
 
 def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection,
-               scores: TokenScores | None) -> tuple[float, torch.Tensor, tuple[float | None, float | None]]:
+               scores: TokenScores | None) -> tuple[float, float, torch.Tensor, tuple[float | None, float | None]]:
     """Loss and backward of every micro-batch of rows [a, a + train.micro_batch_size), against the teacher's
     targets: the scoring pass's when it ran the teacher, else the scorer's now (``train.teacher_batch_size`` rows
-    per no-grad forward where the engine batches them). Returns (the batch's loss, each row's summed KL metric, and
-    the on-policy health: mean and max |log p_trainer - log p_engine|, None without engine log-probs)."""
+    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, each row's
+    summed KL metric (B,), and the on-policy health: mean and max |log p_trainer - log p_engine|, None without
+    engine log-probs)."""
     mbs, rollouts = cfg.train.micro_batch_size, batch.rollouts
     teacher: Iterable[TeacherTargets] = (scores.teacher if scores is not None and scores.teacher is not None
                                          else s.scorer.targets(batch, mbs, cfg.train.teacher_batch_size))
-    loss, kl_rows, delta_sum, delta_max, n_delta = 0.0, [], 0.0, 0.0, 0
+    loss, kl_sum, kl_rows, delta_sum, delta_max, n_delta = 0.0, 0.0, [], 0.0, 0.0, 0
     for a, targets in zip(range(0, len(rollouts), mbs), teacher, strict=True):
         mb = rollouts.slice(a, a + mbs)
         n_resp = mb.response_mask_B_R.shape[1]
@@ -118,12 +119,12 @@ def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selectio
         out = distill_micro_batch(s.student, targets, mb, selection.select_B_R[a : a + mbs, :n_resp],
                                   selection.n_total, cfg.loss, s.vocab_size, weight_B_R=weight_B_R)
         release_freed_memory(s.device)
-        loss = loss + out.loss
+        loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
         kl_rows.append(out.kl_B_R.sum(dim=1))
         delta_sum, delta_max, n_delta = (delta_sum + out.engine_delta_sum, max(delta_max, out.engine_delta_max),
                                          n_delta + out.engine_tokens)
     health = (delta_sum / n_delta, delta_max) if rollouts.logprobs_B_R is not None and n_delta else (None, None)
-    return loss, torch.cat(kl_rows) if kl_rows else torch.zeros(0), health
+    return loss, kl_sum, torch.cat(kl_rows) if kl_rows else torch.zeros(0), health
 
 
 def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, float]:

@@ -82,7 +82,7 @@ def test_teacher_share_one_trains_on_what_the_teacher_samples(all_teacher):
     assert not torch.equal(by_student.input_ids_B_L, by_teacher.input_ids_B_L)
     m = run_step(s, cfg, 0)
     assert m.teacher_sampled == 4 and m.tokens_teacher_sampled == m.tokens_scored
-    assert m.kl_teacher_sampled == pytest.approx(m.kl, rel=1e-6)
+    assert m.kl_teacher_sampled == pytest.approx(m.kl, rel=1e-5)
 
 
 def test_teacher_rows_are_a_seeded_share():
