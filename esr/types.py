@@ -36,7 +36,8 @@ class Rollouts:
     """Bool (B,): the rollout reached the horizon without EOS (a valid sample, no penalty)."""
     logprobs_B_R: torch.Tensor | None = None
     """float (B, R): the sampling engine's log-prob of each sampled response token, where the engine gives them
-    (vLLM does; HF ``generate`` as esr runs it does not: None). The loss recomputes the trainer's own."""
+    (vLLM does; HF ``generate`` as esr runs it does not: None). The loss recomputes the trainer's own. NaN on rows
+    the engine did not sample (the teacher's, ``rollout.teacher_share``: esr/rollout/mixed.py)."""
 
     @property
     def response_ids_B_R(self) -> torch.Tensor:

@@ -124,6 +124,28 @@ def check_engines(cfg: Any) -> None:
     check_teacher_engine(cfg)
 
 
+def check_samples(cfg: Any) -> None:
+    """``rollout.samples_per_prompt`` against the batch, and who can sample ``rollout.teacher_share`` of it: a teacher
+    loaded here with HF (esr/rollout/mixed.py). Across tokenizers the session refuses it (the tokenizers are read
+    there)."""
+    r, k, batch = cfg.rollout, cfg.rollout.samples_per_prompt, cfg.train.batch_size
+    if batch % k:
+        raise ConfigError(f"rollout.samples_per_prompt={k} does not divide train.batch_size={batch}: a step holds "
+                          f"batch_size / k prompts sampled k times; set train.batch_size to a multiple of {k}")
+    if r.teacher_share == 0:
+        return
+    tc = cfg.teacher
+    where = ("teacher.url (a server)" if getattr(tc, "url", None) is not None
+             else "teacher.engine=vllm" if getattr(tc, "engine", "hf") == "vllm" else None)
+    if where is not None:
+        raise ConfigError(f"rollout.teacher_share={r.teacher_share} samples sequences with the teacher's module, "
+                          f"which {where} does not load here: use a local teacher (teacher.engine=hf, no "
+                          f"teacher.url) sharing the student's tokenizer, or set rollout.teacher_share=0")
+    if cfg.train.fsdp:
+        raise ConfigError(f"rollout.teacher_share={r.teacher_share} is not supported with train.fsdp (the sharded "
+                          "student's generate must step in every process): set rollout.teacher_share=0")
+
+
 def check_teacher_engine(cfg: Any) -> None:
     """``teacher.engine`` against the rest: a vLLM teacher gives top-k and sampled-token log-probs only."""
     tc = cfg.teacher

@@ -67,5 +67,13 @@ class RolloutConfig:
     dtype: RolloutDType = "auto"
     """Sampling precision: `auto` (the trainer's, train.dtype), `float32` or `bfloat16` (2-3x faster sampling on CPUs
     with AVX-512 BF16 and on GPUs; the trainer keeps its own dtype, and the loss is computed in float32)."""
+    samples_per_prompt: int = ranged(1, at_least(1))
+    """k: rollouts of each prompt per step (TRL's num_generations, tinker's group_size). A step's train.batch_size
+    sequences are train.batch_size / k prompts, each sampled k times with its own seed (k must divide the batch)."""
+    teacher_share: float = ranged(0.0, between(0, 1))
+    """lambda: the share of a step's sequences sampled from the teacher instead of the student (GKD's mixture; TRL
+    GKD's 1 - lmbda with seq_kd). Each sequence is the teacher's with probability lambda, drawn from (seed, step); the
+    loss is the same per-token divergence at the teacher's tokens. Needs a local teacher sharing the student's
+    tokenizer (teacher.engine=hf, no teacher.url)."""
     vllm: VllmConfig = field(default_factory=lambda: VllmConfig())
     """Settings of the vLLM engines (`rollout.engine=vllm|vllm-server`)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from esr.config.checks import ConfigError, check_engines, check_loss, check_remote_teacher
+from esr.config.checks import ConfigError, check_engines, check_loss, check_remote_teacher, check_samples
 from esr.config.inputs import DataConfig, ModelConfig, TeacherConfig, TeacherEngine
 from esr.config.ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Range, at_least, between, check_ranges, ranged
 from esr.config.rollout import Horizon, RolloutConfig, RolloutDType, RolloutEngine, VllmConfig
@@ -223,3 +223,4 @@ def _check_consistency(cfg: Config) -> None:
     if getattr(cfg.teacher, "url", None) is not None:  # a plain ModelConfig (built in code) is a local teacher
         check_remote_teacher(cfg)
     check_engines(cfg)
+    check_samples(cfg)

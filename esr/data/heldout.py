@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from esr.config import Config
-from esr.data.order import batch_indices
+from esr.data.order import step_prompts
 from esr.data.sources import Prompt, load_prompts
 from esr.data.template import tokenize_prompts
 
@@ -46,7 +46,8 @@ def heldout_prompts(cfg: Config, tokenizer: Any, n: int) -> HeldOutPrompts:
         return HeldOutPrompts(tok.ids[:n], tuple(p.id for p in tok.prompts[:n]), how, tuple(tok.prompts[:n]))
     tok = tokenize_prompts(load_prompts(data).prompts, tokenizer, data.max_prompt_tokens)
     total = len(tok.ids)
-    drawn = {i for step in range(cfg.train.steps) for i in batch_indices(total, cfg.train.batch_size, step, cfg.seed)}
+    drawn = {i for step in range(cfg.train.steps)
+             for i in step_prompts(total, cfg.train.batch_size, step, cfg.seed, cfg.rollout.samples_per_prompt)}
     unseen = [i for i in range(total) if i not in drawn]
     chosen = unseen[-n:]
     if len(chosen) < n:

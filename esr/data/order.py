@@ -17,6 +17,14 @@ def batch_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> Sequ
     return out
 
 
+def step_prompts(n_prompts: int, batch_size: int, step: int, seed: int, samples_per_prompt: int = 1) -> list[int]:
+    """Prompt index of each of step ``step``'s ``batch_size`` rows: the step's batch_size / k prompts
+    (``batch_indices``), each repeated k = ``samples_per_prompt`` times in a row, so prompt j of the step fills rows
+    [j k, (j + 1) k). Each row is sampled with its own seed (its row id), so the k samples of a prompt differ."""
+    return [i for i in batch_indices(n_prompts, batch_size // samples_per_prompt, step, seed)
+            for _ in range(samples_per_prompt)]
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -325,7 +325,7 @@ def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return out
 
 
-SUMMED = ("loss", "tokens_generated", "tokens_scored")
+SUMMED = ("loss", "tokens_generated", "tokens_scored", "teacher_sampled")
 ROW_MEAN = ("response_len_mean", "cut_share")
 LARGEST = ("response_len_max", "peak_mem_gb")
 
@@ -352,6 +352,10 @@ def merge_metrics(m: StepMetrics) -> StepMetrics:
     kl_sum = sum(r["kl"] * max(1, r["tokens_scored"]) for r in rows)
     out["kl"] = kl_sum / max(1, out["tokens_scored"])
     out["trained_share"] = out["tokens_scored"] / max(1, out["tokens_generated"])
+    t_sum = sum((r["kl_teacher_sampled"] or 0.0) * r["tokens_teacher_sampled"] for r in rows)
+    out["kl_teacher_sampled"] = t_sum / out["tokens_teacher_sampled"] if out["tokens_teacher_sampled"] else None
+    distinct = [r["distinct_share"] for r in rows if r["distinct_share"] is not None]  # each process's own groups
+    out["distinct_share"] = sum(distinct) / len(distinct) if distinct else None
     return StepMetrics(**out)
 
 

@@ -68,6 +68,16 @@ class StepMetrics:
     step.py). None when the engine samples with the trainer's own module (hf)."""
     engine_logp_delta_max: float | None = None
     """The largest of those |delta| in the step."""
+    distinct_share: float | None = None
+    """`rollout.samples_per_prompt` k > 1: mean over the step's prompts of (distinct responses among its k samples) /
+    k (1: all differ; 1/k: all the same). None when k = 1."""
+    teacher_sampled: int = 0
+    """Sequences the teacher sampled (`rollout.teacher_share`); the others are the student's."""
+    kl_teacher_sampled: float | None = None
+    """The KL metric per selected token over the teacher-sampled sequences only (the student on the teacher's text,
+    off-policy); `kl` is over all sequences. None without teacher-sampled sequences."""
+    tokens_teacher_sampled: int = 0
+    """Selected tokens of the teacher-sampled sequences (included in tokens_scored)."""
 
 
 def step_flops(

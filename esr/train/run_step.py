@@ -11,15 +11,20 @@ import math
 import time
 from collections.abc import Iterable
 
+import torch
+
 from esr.config import Config
+from esr.data.order import step_prompts
 from esr.losses import needed_scores
+from esr.rollout.mixed import sample_mixed, teacher_rows
 from esr.teacher.scorer import TeacherBatch
 from esr.teacher.targets import TeacherTargets
 from esr.train.distributed import clip_gradients, merge_metrics, my_rows, select_for_rows, sync_gradients
 from esr.train.memory import release_freed_memory
 from esr.train.metrics import StepMetrics, peak_memory_gb, step_flops
+from esr.train.samples import distinct_share, teacher_kl, teacher_rows_seed
 from esr.train.scores import SELECT_SEED, Selection, TokenScores, score_tokens
-from esr.train.session import Session, batch_indices
+from esr.train.session import Session
 from esr.train.step import distill_micro_batch
 from esr.types import Rollouts
 
@@ -28,7 +33,7 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics."""
     # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
     horizon = s.policy.plan(step)
-    rows, prompt_index, rollouts, seconds_generate = _sample(s, cfg, step, horizon)
+    rows, prompt_index, rollouts, seconds_generate, from_teacher = _sample(s, cfg, step, horizon)
 
     # 2. The rollouts as the teacher reads them (another tokenizer: re-rendered for it and aligned).
     batch = s.scorer.read(rollouts, prompt_index)
@@ -46,7 +51,8 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
 
     # 4. Teacher scoring (unless the scoring pass ran it) and the student's loss and backward, micro-batch by
     #    micro-batch.
-    loss, kl_sum, health = _loss_pass(s, cfg, batch, selection, scores)
+    loss, kl_sum, kl_B, health = _loss_pass(s, cfg, batch, selection, scores)
+    kl_teacher, tokens_teacher = teacher_kl(kl_B, selection.select_B_R, from_teacher)
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
@@ -64,38 +70,48 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
         seconds_train=seconds_train, seconds_align=batch.seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
         engine_logp_delta_mean=health[0], engine_logp_delta_max=health[1],
+        distinct_share=distinct_share(rollouts, rows, cfg.rollout.samples_per_prompt),
+        teacher_sampled=sum(from_teacher), kl_teacher_sampled=kl_teacher, tokens_teacher_sampled=tokens_teacher,
     ))
 
 
-def _sample(s: Session, cfg: Config, step: int, horizon: int) -> tuple[range, list[int], Rollouts, float]:
-    """This process's rows of step ``step``'s batch, their prompts' indices, their rollouts and the seconds spent.
+def _sample(s: Session, cfg: Config, step: int,
+            horizon: int) -> tuple[range, list[int], Rollouts, float, list[bool]]:
+    """This process's rows of step ``step``'s batch, their prompts' indices, their rollouts, the seconds spent and
+    which of the rows the teacher sampled (``rollout.teacher_share``, esr/train/samples.py).
 
     Several processes: each takes its rows of the batch (distributed.py); a row's sample depends only on the seed,
-    its index in the batch and its prompt, padded as the whole batch's longest prompt.
+    its index in the batch and its prompt, padded as the whole batch's longest prompt. ``rollout.samples_per_prompt``
+    k: the step's batch_size / k prompts fill k consecutive rows each (esr.data.order.step_prompts).
     """
-    prompt_index = batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed)
+    prompt_index = step_prompts(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed,
+                                cfg.rollout.samples_per_prompt)
+    from_teacher = teacher_rows(len(prompt_index), cfg.rollout.teacher_share, teacher_rows_seed(cfg, step))
     pad_to = max(len(s.prompt_ids[i]) for i in prompt_index)
     rows = my_rows(len(prompt_index))
     prompt_index = [prompt_index[b] for b in rows]
-    prompts = [s.prompt_ids[i] for i in prompt_index]
+    prompts, from_teacher = [s.prompt_ids[i] for i in prompt_index], [from_teacher[b] for b in rows]
     t0 = time.perf_counter()
     s.sampler.sync_weights(s.student)  # an engine with its own copy of the weights takes the current ones
-    rollouts = s.sampler.sample(prompts, horizon, seed=cfg.seed * 1_000_003 + step, row_ids=rows, pad_to=pad_to)
+    rollouts = sample_mixed(s.sampler, s.teacher_sampler, prompts, from_teacher, horizon,
+                            seed=cfg.seed * 1_000_003 + step, row_ids=rows, pad_to=pad_to,
+                            pad_token_id=s.tokenizer.pad_token_id)
     seconds_generate = time.perf_counter() - t0
     release_freed_memory(s.device)  # CPU: hand freed heap pages back between phases (esr/train/memory.py)
-    return rows, prompt_index, rollouts, seconds_generate
+    return rows, prompt_index, rollouts, seconds_generate, from_teacher
 
 
 def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection,
-               scores: TokenScores | None) -> tuple[float, float, tuple[float | None, float | None]]:
+               scores: TokenScores | None) -> tuple[float, float, torch.Tensor, tuple[float | None, float | None]]:
     """Loss and backward of every micro-batch of rows [a, a + train.micro_batch_size), against the teacher's
     targets: the scoring pass's when it ran the teacher, else the scorer's now (``train.teacher_batch_size`` rows
-    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, and the
-    on-policy health: mean and max |log p_trainer - log p_engine|, None without engine log-probs)."""
+    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, each row's
+    summed KL metric (B,), and the on-policy health: mean and max |log p_trainer - log p_engine|, None without
+    engine log-probs)."""
     mbs, rollouts = cfg.train.micro_batch_size, batch.rollouts
     teacher: Iterable[TeacherTargets] = (scores.teacher if scores is not None and scores.teacher is not None
                                          else s.scorer.targets(batch, mbs, cfg.train.teacher_batch_size))
-    loss, kl_sum, delta_sum, delta_max, n_delta = 0.0, 0.0, 0.0, 0.0, 0
+    loss, kl_sum, kl_rows, delta_sum, delta_max, n_delta = 0.0, 0.0, [], 0.0, 0.0, 0
     for a, targets in zip(range(0, len(rollouts), mbs), teacher, strict=True):
         mb = rollouts.slice(a, a + mbs)
         n_resp = mb.response_mask_B_R.shape[1]
@@ -104,10 +120,11 @@ def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selectio
                                   selection.n_total, cfg.loss, s.vocab_size, weight_B_R=weight_B_R)
         release_freed_memory(s.device)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
+        kl_rows.append(out.kl_B_R.sum(dim=1))
         delta_sum, delta_max, n_delta = (delta_sum + out.engine_delta_sum, max(delta_max, out.engine_delta_max),
                                          n_delta + out.engine_tokens)
     health = (delta_sum / n_delta, delta_max) if rollouts.logprobs_B_R is not None and n_delta else (None, None)
-    return loss, kl_sum, health
+    return loss, kl_sum, torch.cat(kl_rows) if kl_rows else torch.zeros(0), health
 
 
 def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, float]:

@@ -38,6 +38,7 @@ from esr.teacher.score import LocalScorer
 from esr.teacher.scorer import TeacherScorer, check_supported
 from esr.teacher.vllm_score import VLLMScorer
 from esr.train.remote_teacher import RemoteScorer, connect_remote_teacher
+from esr.train.samples import make_teacher_sampler
 
 log = logging.getLogger("esr.train")
 
@@ -69,6 +70,8 @@ class Session:
     device: torch.device
     info: dict[str, Any]
     """Facts recorded in run.json: parameter counts, prompt counts, eos ids, device, dtype."""
+    teacher_sampler: Sampler | None = None
+    """Samples the teacher's share of the rows (``rollout.teacher_share`` > 0; esr/train/samples.py), else None."""
 
 
 def prompt_budget(cfg: Config, *models: nn.Module) -> int:
@@ -111,6 +114,8 @@ def build_session(cfg: Config) -> Session:
     student, tokenizer, teacher, teacher_tok = _load_models(cfg, device, dtype, remote)
     vocab = _vocabularies(cfg, student, tokenizer, teacher, teacher_tok, remote)
     eos_ids = eos_token_ids(tokenizer, student)
+    teacher_sampler = make_teacher_sampler(cfg, teacher, vocab.cross_mode, eos_token_ids=eos_ids,
+                                           pad_token_id=tokenizer.pad_token_id, vocab_size=vocab.vocab_size)
     prompt_set, tokenized = _prompts(cfg, tokenizer, student, teacher)
     cross = (None if vocab.cross_mode is None
              else _cross_tokenizer(cfg, tokenizer, teacher_tok, vocab, eos_ids, tokenized))
@@ -131,7 +136,7 @@ def build_session(cfg: Config) -> Session:
     return Session(
         student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler, scorer=scorer,
         policy=make_policy(cfg.rollout), cross=cross, prompt_ids=tokenized.ids, vocab_size=vocab.vocab_size,
-        optimizer=optimizer, scheduler=scheduler, device=device, info=info,
+        optimizer=optimizer, scheduler=scheduler, device=device, info=info, teacher_sampler=teacher_sampler,
     )
 
 

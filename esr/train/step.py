@@ -12,10 +12,11 @@ decoder in one backward. Peak logits memory is B x c x V per model, whatever the
 On-policy health: a rollout engine with its own copy of the weights (vLLM) returns its log-probs of the sampled
 tokens (``Rollouts.logprobs_B_R``); each chunk compares them with the trainer's, delta = log p_trainer(y) -
 log p_engine(y), and reports mean and max |delta| (different kernels, a bf16 engine, a stale adapter all show
-here). With ``loss.kind=sampled`` and ``loss.tis_cap`` C, each token's loss is weighted by the truncated importance
-ratio min(exp(delta), C) (detached), the correction for sampling from the engine's distribution rather than the
-trainer's (TRL's vllm_importance_sampling_cap). The exact-KL losses use the trainer's forward over the whole
-vocabulary and need no correction.
+here) over the rows the engine sampled: a teacher-sampled row (``rollout.teacher_share``) has NaN log-probs, no
+delta and ratio 1. With ``loss.kind=sampled`` and ``loss.tis_cap`` C, each token's loss is weighted by the
+truncated importance ratio min(exp(delta), C) (detached), the correction for sampling from the engine's
+distribution rather than the trainer's (TRL's vllm_importance_sampling_cap). The exact-KL losses use the trainer's
+forward over the whole vocabulary and need no correction.
 
 Normalisation: every chunk's loss is divided by ``n_total``, the number of selected tokens in the WHOLE batch
 (all micro-batches), so the summed gradient is the token-level mean of the batch however it is split. With
@@ -131,6 +132,8 @@ class EngineHealth:
     def __init__(self, rollouts: Rollouts, device: torch.device) -> None:
         self.engine_logp_B_R = None if rollouts.logprobs_B_R is None else rollouts.logprobs_B_R.to(device)
         self.mask_B_R = rollouts.response_mask_B_R.to(device)
+        if self.engine_logp_B_R is not None:  # NaN: no engine log-prob (a teacher-sampled row, esr/rollout/mixed.py)
+            self.mask_B_R = self.mask_B_R & self.engine_logp_B_R.isfinite()
         self.delta_sum, self.delta_max, self.tokens = 0.0, 0.0, 0
 
     def update(self, student_logits_B_T_V: torch.Tensor, tokens_B_T: torch.Tensor, a: int, b: int,

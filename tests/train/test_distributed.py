@@ -103,11 +103,21 @@ def test_full_finetune_with_random_n_and_position_weights(tmp_path):
 
 
 def test_top_kl_selection_and_extrapolation(tmp_path):
-    """top-kl-n selects per rollout; EffOPD's line search runs in both processes and must agree."""
+    """top-kl-n selects per rollout; EffOPD's line search runs in both processes and must agree. Each step samples
+    2 prompts twice (rollout.samples_per_prompt) and about half its rows with the teacher (rollout.teacher_share):
+    each process samples its rows of the same draw."""
     overrides = ["train.steps=2", "loss.select=top-kl-n", "loss.select_n=6", "optim.extrapolate.enabled=true",
-                 "optim.extrapolate.probe_size=4", "rollout.n=8"]
+                 "optim.extrapolate.probe_size=4", "rollout.n=8", "rollout.samples_per_prompt=2",
+                 "rollout.teacher_share=0.5"]
     one, two = run_both(tmp_path, overrides)
     assert_same_run(one, two, 2, "adapter_model.safetensors")
+    for r1, r2 in zip(metrics(one), metrics(two), strict=True):
+        assert (r2["teacher_sampled"], r2["distinct_share"]) == (r1["teacher_sampled"], r1["distinct_share"])
+        assert r2["tokens_teacher_sampled"] == r1["tokens_teacher_sampled"]
+        assert (r1["kl_teacher_sampled"] is None) == (r2["kl_teacher_sampled"] is None)
+        if r1["kl_teacher_sampled"] is not None:
+            assert r2["kl_teacher_sampled"] == pytest.approx(r1["kl_teacher_sampled"], rel=1e-5)
+    assert 0 < sum(r["teacher_sampled"] for r in metrics(two)) < 8
     events = [(tmp_path / run / "extrapolate" / "events.jsonl").read_text().splitlines() for run in ("one", "two")]
     drop = lambda line: {k: v for k, v in json.loads(line).items() if not k.startswith("seconds")}  # noqa: E731
     assert [drop(x) for x in events[1]] == [drop(x) for x in events[0]] and len(events[1]) == 2
