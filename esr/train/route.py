@@ -44,6 +44,8 @@ class Route:
     """Per source (sources that share a teacher share its scorer)."""
     vocab_sizes: tuple[int, ...]
     """Per source: the student's logit columns its teacher's loss uses."""
+    teacher_params: tuple[int, ...]
+    """Per source: its teacher's parameter count (for ``flops_score``; 0 where a server does not say)."""
     info: dict[str, Any]
     """run.json's ``mix``: the teachers and each source's weight, teacher and prompt counts."""
 
@@ -64,10 +66,12 @@ class Route:
 
 
 def make_route(cfg: Config, cfgs: Sequence[Config], scorers: Sequence[TeacherScorer], vocab_sizes: Sequence[int],
-               mix: MixPrompts) -> Route:
-    """The route of ``cfg.data.mix``, given the scorer and vocabulary of each of ``teacher_configs(cfg)``."""
+               teacher_params: Sequence[int], mix: MixPrompts) -> Route:
+    """The route of ``cfg.data.mix``, given the scorer, vocabulary and parameter count of each of
+    ``teacher_configs(cfg)``."""
     which = [[c.teacher for c in cfgs].index(item.teacher or cfg.teacher) for item in cfg.data.mix]
     sources = {name: {**mix.info[name], "teacher": cfgs[t].teacher.name} for name, t in zip(mix.names, which,
                                                                                             strict=True)}
     info = {"teachers": [c.teacher.name for c in cfgs], "sources": sources}
-    return Route(mix, tuple(scorers[t] for t in which), tuple(vocab_sizes[t] for t in which), info)
+    return Route(mix, tuple(scorers[t] for t in which), tuple(vocab_sizes[t] for t in which),
+                 tuple(teacher_params[t] for t in which), info)

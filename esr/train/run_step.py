@@ -144,12 +144,15 @@ def optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, f
     return grad_norm, skipped, lr
 
 
-def _flops(s: Session, batch: TeacherBatch, scores: TokenScores | None) -> tuple[float, ...]:
+def _flops(s: Session, batch: TeacherBatch, scores: TokenScores | None,
+           teacher_params: int | None = None) -> tuple[float, ...]:
     """(flops_generate, flops_score, flops_train) of a step (``esr.train.metrics.step_flops``): each model's forward
-    reads every real prompt + response token of its own tokenization once."""
+    reads every real prompt + response token of its own tokenization once. ``teacher_params``: a mix source's
+    teacher's (default the session's teacher)."""
     rollouts = batch.rollouts
     return step_flops(
-        s.info["student_params"], s.info["teacher_params"], tokens_generated=int(rollouts.lengths_B.sum()),
+        s.info["student_params"], teacher_params or s.info["teacher_params"],
+        tokens_generated=int(rollouts.lengths_B.sum()),
         teacher_tokens=int(batch.teacher_rollouts.attention_mask_B_L.sum()),
         student_tokens=int(rollouts.attention_mask_B_L.sum()),
         selection_tokens=0 if scores is None else scores.student_tokens,
@@ -192,7 +195,8 @@ def run_mix_step(s: Session, cfg: Config, step: int, horizon: int,
     seconds_train = time.perf_counter() - t0 - seconds_score
     grad_norm, skipped, lr = optimizer_step(s, cfg, loss)
     lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
-    flops = [sum(x) for x in zip(*(_flops(s, b, None) for b in batches), strict=True)]
+    flops = [sum(x) for x in zip(*(_flops(s, b, None, s.route.teacher_params[j]) for (j, _), b in
+                                   zip(groups, batches, strict=True)), strict=True)]
     return merge_metrics(StepMetrics(
         step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
         tokens_generated=int(lengths_B.sum()), tokens_scored=n_selected,

@@ -133,7 +133,9 @@ def build_session(cfg: Config) -> Session:
     pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
     sampler = make_sampler(cfg.rollout, student, eos_token_ids=eos_ids, pad_token_id=pad_id,
                            context=_engine_context(cfg, dtype, prompt_budget(cfg, student)))
-    route = None if mix is None else make_route(cfg, cfgs, scorers, [v.vocab_size for v in vocabs], mix)
+    route = None if mix is None else make_route(cfg, cfgs, scorers, [v.vocab_size for v in vocabs], [
+        _model_info(device, dtype, student, t, sc)["teacher_params"] for (t, _), sc in zip(loaded, scorers, strict=True)
+    ], mix)
     info = {
         **_model_info(device, dtype, student, teacher, scorers[0]),
         **_vocabulary_info(vocabs[0], eos_ids, pad_id, crosses[0]),

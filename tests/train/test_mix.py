@@ -142,7 +142,7 @@ def test_a_mix_run_logs_each_source_and_resumes_bit_exactly(tmp_path, monkeypatc
     overrides = [*SMALL, "train.steps=3", "train.checkpoint_every=2", "train.batch_size=2", "train.micro_batch_size=1"]
     whole = train(load_config(SMOKE, overrides), tmp_path / "whole", progress=False)
     info = json.loads((tmp_path / "whole" / "run.json").read_text())
-    mix = info.get("mix") or info["info"]["mix"]
+    mix = info["mix"]
     assert mix["teachers"] == ["tiny-teacher", "tiny-teacher-qwen"]
     assert {k: (v["teacher"], v["prompts"]) for k, v in mix["sources"].items()} == {
         "same": ("tiny-teacher", 20), "cross": ("tiny-teacher-qwen", 30)}
