@@ -9,12 +9,14 @@ from collections import Counter
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 import esr.train.run_step as step_module
 from esr.config import ConfigError, from_dict, load_config, to_dict
 from esr.data.mix import mix_batch_indices
 from esr.train import resume, train
+from esr.train.progress import summary_table
 from esr.train.run_step import _sample, loss_pass, run_mix_step, take_rows
 from esr.train.scores import Selection
 from esr.train.session import build_session
@@ -148,6 +150,9 @@ def test_a_mix_run_logs_each_source_and_resumes_bit_exactly(tmp_path, monkeypatc
         "same": ("tiny-teacher", 20), "cross": ("tiny-teacher-qwen", 30)}
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [sorted(r["by_source"]) for r in rows] == [["same"], ["cross", "same"], ["same"]]  # a, a | b, a | a, a
+    console = Console(record=True, width=200)
+    console.print(summary_table(rows, tmp_path))
+    assert "mean KL of cross, first -> last 3 steps" in console.export_text()
 
     calls, real = {"n": 0}, step_module.distill_micro_batch
 
