@@ -52,12 +52,12 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
 
     # 4. Teacher scoring (unless the scoring pass ran it) and the student's loss and backward, micro-batch by
     #    micro-batch.
-    loss, kl_sum, health = loss_pass(s, cfg, batch, selection, scores)
+    loss, kl_sum, health = _loss_pass(s, cfg, batch, selection, scores)
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
     # 5. Optimizer step, unless the loss or the gradient is not finite.
-    grad_norm, skipped, lr = optimizer_step(s, cfg, loss)
+    grad_norm, skipped, lr = _optimizer_step(s, cfg, loss)
 
     lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
     flops_generate, flops_score, flops_train = _flops(s, batch, scores)
@@ -100,7 +100,7 @@ def step_prompts(s: Session, cfg: Config, step: int) -> list[int]:
     return list(batch_indices(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed))
 
 
-def loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection, scores: TokenScores | None,
+def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection, scores: TokenScores | None,
               scorer: TeacherScorer | None = None,
               vocab_size: int | None = None) -> tuple[float, float, tuple[float | None, float | None]]:
     """Loss and backward of every micro-batch of rows [a, a + train.micro_batch_size), against the teacher's
@@ -127,7 +127,7 @@ def loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection
     return loss, kl_sum, health
 
 
-def optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, float]:
+def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, float]:
     """Clip and apply the accumulated gradients unless the loss or the gradient norm is not finite; advance the
     schedule. Several processes: their gradients are summed first (each is its rows' share of the batch mean).
     Returns (grad_norm, skipped, the learning rate used)."""
@@ -181,7 +181,7 @@ def run_mix_step(s: Session, cfg: Config, step: int, horizon: int,
         t_group, before = time.perf_counter(), s.route.scorers[j].seconds
         part = dataclasses.replace(selection, select_B_R=selection.select_B_R[g], scores=None,
                                    weight_B_R=None if selection.weight_B_R is None else selection.weight_B_R[g])
-        group_loss, group_kl, health = loss_pass(s, cfg, batch, part, None, s.route.scorers[j], s.route.vocab_sizes[j])
+        group_loss, group_kl, health = _loss_pass(s, cfg, batch, part, None, s.route.scorers[j], s.route.vocab_sizes[j])
         n = int(part.select_B_R.sum())
         loss, kl_sum = loss + group_loss, kl_sum + group_kl
         if health[0] is not None:
@@ -193,7 +193,7 @@ def run_mix_step(s: Session, cfg: Config, step: int, horizon: int,
             "seconds_score": s.route.scorers[j].seconds - before, "seconds": time.perf_counter() - t_group}
     seconds_score = sum(sc.seconds for sc in s.route.all_scorers())
     seconds_train = time.perf_counter() - t0 - seconds_score
-    grad_norm, skipped, lr = optimizer_step(s, cfg, loss)
+    grad_norm, skipped, lr = _optimizer_step(s, cfg, loss)
     lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
     flops = [sum(x) for x in zip(*(_flops(s, b, None, s.route.teacher_params[j]) for (j, _), b in
                                    zip(groups, batches, strict=True)), strict=True)]

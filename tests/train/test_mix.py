@@ -17,7 +17,7 @@ from esr.config import ConfigError, from_dict, load_config, to_dict
 from esr.data.mix import mix_batch_indices
 from esr.train import resume, train
 from esr.train.progress import summary_table
-from esr.train.run_step import _sample, loss_pass, run_mix_step, take_rows
+from esr.train.run_step import _loss_pass, _sample, run_mix_step, take_rows
 from esr.train.scores import Selection
 from esr.train.session import build_session
 
@@ -90,7 +90,7 @@ def _kl_alone(s, cfg, rollouts, prompt_index):
     """Mean KL of ``rollouts`` over every token ``s``'s (single) teacher can score."""
     batch = s.scorer.read(rollouts, prompt_index)
     select = batch.valid_B_R & rollouts.response_mask_B_R
-    _, kl_sum, _ = loss_pass(s, cfg, batch, Selection(select, None, 1, None), None)
+    _, kl_sum, _ = _loss_pass(s, cfg, batch, Selection(select, None, 1, None), None)
     s.student.zero_grad(set_to_none=True)
     return kl_sum / int(select.sum())
 
