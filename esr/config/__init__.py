@@ -16,6 +16,7 @@ from esr.config.schema import (
     ExtrapolateConfig,
     LoraConfig,
     LossConfig,
+    MixSource,
     ModelConfig,
     OptimConfig,
     RolloutConfig,
@@ -26,7 +27,7 @@ from esr.config.schema import (
 )
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "LoraConfig", "LossConfig",
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "LoraConfig", "LossConfig", "MixSource",
     "ModelConfig", "OptimConfig", "RolloutConfig", "Select", "TeacherConfig", "TrainConfig", "VllmConfig",
     "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
 ]

@@ -179,3 +179,38 @@ def check_url(key: str, url: str, credentials_hint: str = "") -> None:
     if "@" in host:
         raise ConfigError(f"{key} must not hold credentials (user:password@): they would be written to the run's "
                           f"config.yaml{credentials_hint}")
+
+
+MIX_FREE_FIELDS = ("source", "path")
+"""`data` fields that name the one source: left at their defaults when `data.mix` is set."""
+
+
+def check_mix(cfg: Any, data_type: type) -> None:
+    """``data.mix`` (esr/data/mix.py): the single-source fields left at their defaults (``data_type``'s), unique
+    item names, and no score-based selection (its no-grad pass reads one teacher for the whole batch)."""
+    data, default = cfg.data, data_type()
+    set_here = [f"data.{k}" for k in MIX_FREE_FIELDS if getattr(data, k) != getattr(default, k)]
+    if set_here:
+        raise ConfigError(f"data.mix is set, so each item names its own source: drop {', '.join(set_here)} (put them "
+                          "in the data.mix items), or drop data.mix for one source")
+    names = [mix_name(item) for item in data.mix]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"data.mix has two items named {twice[0]!r}: give them distinct `name`s")
+    if cfg.loss.select in TEACHER_SCORE_SELECTORS or cfg.loss.select == "top-student-entropy-n":
+        raise ConfigError(f"loss.select={cfg.loss.select} scores the whole batch with one teacher before the loss, "
+                          "which data.mix (a teacher per source) does not support yet: use "
+                          "loss.select=all|first-n|last-n|middle-n|random-n, or one source")
+    if cfg.rollout.teacher_share > 0:
+        raise ConfigError(f"rollout.teacher_share={cfg.rollout.teacher_share} samples rows with the teacher, but "
+                          "data.mix gives each source its own teacher, which the teacher-sampled rows do not follow "
+                          "yet: set rollout.teacher_share=0, or use one source")
+
+
+def mix_name(item: Any) -> str:
+    """A ``data.mix`` item's name: its ``name``, else its source (a ``jsonl`` item: the file's stem)."""
+    if item.name:
+        return str(item.name)
+    if item.source == "jsonl" and item.path:
+        return str(item.path).replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".jsonl")
+    return str(item.source)

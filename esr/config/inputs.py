@@ -74,3 +74,35 @@ class DataConfig:
     """Appended to each math question (not to `jsonl` prompts, which are used as written)."""
     max_prompt_tokens: int = ranged(512, at_least(1))
     """Prompts longer than this (in student tokens) are skipped and counted."""
+    mix: tuple[MixSource, ...] = ()
+    """Several weighted sources instead of the one above (`esr/data/mix.py`): a list of items with the source fields
+    (`source`, `path`, `split`, `size`, `limit`, `instruction`) plus `weight`, `name` and their own `teacher`. Each
+    step's batch takes rows from every source in proportion to its weight; each row is scored by its source's teacher.
+    Set: leave `data.source` and `data.path` at their defaults; `data.split`, `size`, `limit` and `instruction` are
+    the items' defaults, and `seed`, `system_prompt` and `max_prompt_tokens` apply to every item."""
+
+
+@dataclass(frozen=True)
+class MixSource:
+    """One item of ``data.mix``: a prompt source, its weight and the teacher that scores its rows."""
+
+    source: str = "gsm_symbolic"
+    """As `data.source`."""
+    path: str | None = None
+    """As `data.path`."""
+    split: str | None = None
+    """As `data.split`; None: `data.split`."""
+    size: int | None = ranged(None, at_least(1))
+    """As `data.size`; None: `data.size`."""
+    limit: int | None = ranged(None, at_least(1))
+    """As `data.limit`; None: `data.limit`."""
+    instruction: str | None = None
+    """As `data.instruction`; None: `data.instruction`."""
+    weight: float = ranged(1.0, POSITIVE)
+    """Relative share of each batch's rows drawn from this source (weights are normalised over the mix)."""
+    name: str | None = None
+    """Name in metrics (`by_source` in metrics.jsonl) and run.json; None: the source (`gsm8k`, `hf:org/set`, or the
+    file name of a `jsonl` path). Names must be unique within the mix."""
+    teacher: TeacherConfig | None = None
+    """The teacher that scores this source's rows (a section like the top-level `teacher`); None: the top-level
+    teacher. Same or another tokenizer than the student, local or a server."""

@@ -29,12 +29,24 @@ def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any
     for key, value in data.items():
         if key not in names:
             raise ConfigError(_unknown_key_message(prefix + str(key), [prefix + n for n in names]))
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(value, hint, prefix + key + ".")
-        else:
-            kwargs[key] = _coerce(value, hint, prefix + key)
+        kwargs[key] = _build(value, hints[key], prefix + key)
     return cls(**kwargs)
+
+
+def _build(value: Any, hint: Any, key: str) -> Any:
+    """One field's value: a section (a dataclass, or an optional one given as a mapping), a list of sections
+    (``tuple[Section, ...]``, e.g. ``data.mix``: items named ``data.mix[1].``), or a plain value."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(value, hint, key + ".")
+    args = typing.get_args(hint)
+    section = next((a for a in args if dataclasses.is_dataclass(a)), None)
+    if typing.get_origin(hint) is tuple and section is not None:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list of mappings, got {type(value).__name__}")
+        return tuple(from_dict(item, section, f"{key}[{i}].") for i, item in enumerate(value))
+    if section is not None and value is not None:
+        return from_dict(value, section, key + ".")
+    return _coerce(value, hint, key)
 
 
 def _unknown_key_message(key: str, valid: list[str]) -> str:
@@ -84,7 +96,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts (what `config.yaml` in a run folder holds)."""
-    return dataclasses.asdict(cfg)
+    return _lists(dataclasses.asdict(cfg))
+
+
+def _lists(value: Any) -> Any:
+    """Tuples (``data.mix``) as lists, so YAML and JSON write them plainly and ``from_dict`` reads them back."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

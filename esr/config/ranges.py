@@ -119,6 +119,10 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_ranges(value, key + ".")
             continue
+        if isinstance(value, tuple) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):  # a list of sections (data.mix)
+                check_ranges(item, f"{key}[{i}].")
+            continue
         allowed = field_range(f)
         if allowed is None:
             continue

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from esr.config.checks import ConfigError, check_engines, check_loss, check_remote_teacher, check_samples
-from esr.config.inputs import DataConfig, ModelConfig, TeacherConfig, TeacherEngine
+from esr.config.checks import ConfigError, check_engines, check_loss, check_mix, check_remote_teacher, check_samples
+from esr.config.inputs import DataConfig, MixSource, ModelConfig, TeacherConfig, TeacherEngine
 from esr.config.ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Range, at_least, between, check_ranges, ranged
 from esr.config.rollout import Horizon, RolloutConfig, RolloutDType, RolloutEngine, VllmConfig
 
 __all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "Horizon", "LoraConfig",
-           "LossConfig", "ModelConfig", "OptimConfig", "RolloutConfig", "RolloutDType", "RolloutEngine", "Select",
+           "LossConfig", "MixSource", "ModelConfig", "OptimConfig", "RolloutConfig", "RolloutDType", "RolloutEngine",
+           "Select",
            "TeacherConfig", "TeacherEngine", "TrainConfig", "VllmConfig"]
 
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled", "topk"]
@@ -224,3 +225,5 @@ def _check_consistency(cfg: Config) -> None:
         check_remote_teacher(cfg)
     check_engines(cfg)
     check_samples(cfg)
+    if cfg.data.mix:
+        check_mix(cfg, DataConfig)

@@ -13,7 +13,7 @@ def batch_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> Sequ
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, n_prompts)
-        out.append(_epoch_order(n_prompts, seed, epoch)[i])
+        out.append(epoch_order(n_prompts, seed, epoch)[i])
     return out
 
 
@@ -26,6 +26,6 @@ def step_prompts(n_prompts: int, batch_size: int, step: int, seed: int, samples_
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
+def epoch_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return tuple(torch.randperm(n_prompts, generator=g).tolist())

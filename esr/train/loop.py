@@ -109,7 +109,8 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
                       progress)
     finally:
         s.sampler.close()  # a vLLM engine holds memory and threads (a crash must not leave them behind)
-        getattr(s.scorer, "close", lambda: None)()  # so does an in-process vLLM teacher (teacher.engine=vllm)
+        for scorer in [s.scorer] if s.route is None else s.route.all_scorers():
+            getattr(scorer, "close", lambda: None)()  # so does an in-process vLLM teacher (teacher.engine=vllm)
         log.close()
     return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
 

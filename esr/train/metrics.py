@@ -78,6 +78,10 @@ class StepMetrics:
     off-policy); `kl` is over all sequences. None without teacher-sampled sequences."""
     tokens_teacher_sampled: int = 0
     """Selected tokens of the teacher-sampled sequences (included in tokens_scored)."""
+    by_source: dict[str, dict[str, float]] | None = None
+    """With ``data.mix``: per source (its name), scored by its own teacher: ``kl`` (as ``kl``, over its rows),
+    ``tokens_scored``, ``rows``, ``seconds_score`` (its teacher) and ``seconds`` (its scoring, loss and backward).
+    None for one source. Several processes: rank 0's rows."""
 
 
 def step_flops(
@@ -128,6 +132,9 @@ class MetricsLog:
             for key, value in asdict(metrics).items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"train/{key}", value, metrics.step)
+                for name, values in (value.items() if isinstance(value, dict) else ()):  # by_source
+                    for k, v in values.items():
+                        self.writer.add_scalar(f"train/{key}/{name}/{k}", v, metrics.step)
             self.writer.flush()
 
     def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:

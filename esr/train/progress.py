@@ -27,6 +27,8 @@ class RunProgress:
 
     def update(self, m: StepMetrics) -> None:
         stats = f"loss {m.loss:.4f}  kl {m.kl:.4f}  H {m.horizon}  len {m.response_len_mean:.0f}"
+        if m.by_source:  # data.mix: each source's KL, by its own teacher
+            stats += "  (" + ", ".join(f"{name} {v['kl']:.4f}" for name, v in m.by_source.items()) + ")"
         if m.skipped:
             stats += "  [red]skipped (non-finite)"
         self.progress.update(self.task, completed=m.step, stats=stats)
@@ -57,6 +59,10 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
     table.add_row("steps", f"{metrics[-1]['step']} ({len(metrics) - len(ok)} skipped)")
     table.add_row(f"mean KL, first {len(first)} steps", f"{mean(first, 'kl'):.4f}")
     table.add_row(f"mean KL, last {len(last)} steps", f"{mean(last, 'kl'):.4f}")
+    for name in dict.fromkeys(n for m in ok for n in (m.get("by_source") or {})):  # data.mix: KL per source
+        kls = [m["by_source"][name]["kl"] for m in ok if name in (m.get("by_source") or {})]
+        table.add_row(f"mean KL of {name}, first -> last {window} steps",
+                      f"{sum(kls[:window]) / len(kls[:window]):.4f} -> {sum(kls[-window:]) / len(kls[-window:]):.4f}")
     for phase in ("generate", "score", "train"):
         table.add_row(f"seconds per step: {phase}", f"{mean(metrics, 'seconds_' + phase):.2f}")
     align = [m.get("seconds_align", 0.0) for m in metrics]  # absent in runs started before esr had it

@@ -7,6 +7,7 @@ The loop around it logs, checkpoints, evaluates and stops; this module is what h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from esr.config import Config
 from esr.data.order import step_prompts
 from esr.losses import needed_scores
 from esr.rollout.mixed import sample_mixed, teacher_rows
-from esr.teacher.scorer import TeacherBatch
+from esr.teacher.scorer import TeacherBatch, TeacherScorer
 from esr.teacher.targets import TeacherTargets
 from esr.train.distributed import clip_gradients, merge_metrics, my_rows, select_for_rows, sync_gradients
 from esr.train.memory import release_freed_memory
@@ -34,6 +35,9 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
     horizon = s.policy.plan(step)
     rows, prompt_index, rollouts, seconds_generate, from_teacher = _sample(s, cfg, step, horizon)
+
+    if s.route is not None:  # data.mix: each source's rows read, scored and trained by its own teacher
+        return run_mix_step(s, cfg, step, horizon, (rows, prompt_index, rollouts, seconds_generate))
 
     # 2. The rollouts as the teacher reads them (another tokenizer: re-rendered for it and aligned).
     batch = s.scorer.read(rollouts, prompt_index)
@@ -84,8 +88,7 @@ def _sample(s: Session, cfg: Config, step: int,
     its index in the batch and its prompt, padded as the whole batch's longest prompt. ``rollout.samples_per_prompt``
     k: the step's batch_size / k prompts fill k consecutive rows each (esr.data.order.step_prompts).
     """
-    prompt_index = step_prompts(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed,
-                                cfg.rollout.samples_per_prompt)
+    prompt_index = _step_prompts(s, cfg, step)
     from_teacher = teacher_rows(len(prompt_index), cfg.rollout.teacher_share, teacher_rows_seed(cfg, step))
     pad_to = max(len(s.prompt_ids[i]) for i in prompt_index)
     rows = my_rows(len(prompt_index))
@@ -101,23 +104,36 @@ def _sample(s: Session, cfg: Config, step: int,
     return rows, prompt_index, rollouts, seconds_generate, from_teacher
 
 
-def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection,
-               scores: TokenScores | None) -> tuple[float, float, torch.Tensor, tuple[float | None, float | None]]:
+def _step_prompts(s: Session, cfg: Config, step: int) -> list[int]:
+    """The prompt index of each row of 0-based ``step``'s whole batch, a pure function of (step, seed): the step's
+    batch_size / k prompts (the mix's rows, ``esr.data.mix``, or one source's, ``esr.data.order``), each repeated
+    k = ``rollout.samples_per_prompt`` times in consecutive rows."""
+    k = cfg.rollout.samples_per_prompt
+    if s.route is not None:
+        return [i for i in s.route.prompt_indices(cfg.train.batch_size // k, step, cfg.seed) for _ in range(k)]
+    return step_prompts(len(s.prompt_ids), cfg.train.batch_size, step, cfg.seed, k)
+
+
+def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection, scores: TokenScores | None,
+              scorer: TeacherScorer | None = None,
+              vocab_size: int | None = None) -> tuple[float, float, torch.Tensor, tuple[float | None, float | None]]:
     """Loss and backward of every micro-batch of rows [a, a + train.micro_batch_size), against the teacher's
     targets: the scoring pass's when it ran the teacher, else the scorer's now (``train.teacher_batch_size`` rows
-    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, each row's
-    summed KL metric (B,), and the on-policy health: mean and max |log p_trainer - log p_engine|, None without
-    engine log-probs)."""
+    per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, each
+    row's summed KL metric (B,), and the on-policy health: mean and max |log p_trainer - log p_engine|, None without
+    engine log-probs). ``scorer`` and
+    ``vocab_size``: a mix source's (``run_mix_step``); default the session's."""
     mbs, rollouts = cfg.train.micro_batch_size, batch.rollouts
+    scorer, vocab_size = scorer or s.scorer, vocab_size or s.vocab_size
     teacher: Iterable[TeacherTargets] = (scores.teacher if scores is not None and scores.teacher is not None
-                                         else s.scorer.targets(batch, mbs, cfg.train.teacher_batch_size))
+                                         else scorer.targets(batch, mbs, cfg.train.teacher_batch_size))
     loss, kl_sum, kl_rows, delta_sum, delta_max, n_delta = 0.0, 0.0, [], 0.0, 0.0, 0
     for a, targets in zip(range(0, len(rollouts), mbs), teacher, strict=True):
         mb = rollouts.slice(a, a + mbs)
         n_resp = mb.response_mask_B_R.shape[1]
         weight_B_R = None if selection.weight_B_R is None else selection.weight_B_R[a : a + mbs, :n_resp]
         out = distill_micro_batch(s.student, targets, mb, selection.select_B_R[a : a + mbs, :n_resp],
-                                  selection.n_total, cfg.loss, s.vocab_size, weight_B_R=weight_B_R)
+                                  selection.n_total, cfg.loss, vocab_size, weight_B_R=weight_B_R)
         release_freed_memory(s.device)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
         kl_rows.append(out.kl_B_R.sum(dim=1))
@@ -144,15 +160,79 @@ def _optimizer_step(s: Session, cfg: Config, loss: float) -> tuple[float, bool, 
     return grad_norm, skipped, lr
 
 
-
-
-def _flops(s: Session, batch: TeacherBatch, scores: TokenScores | None) -> tuple[float, ...]:
+def _flops(s: Session, batch: TeacherBatch, scores: TokenScores | None,
+           teacher_params: int | None = None) -> tuple[float, ...]:
     """(flops_generate, flops_score, flops_train) of a step (``esr.train.metrics.step_flops``): each model's forward
-    reads every real prompt + response token of its own tokenization once."""
+    reads every real prompt + response token of its own tokenization once. ``teacher_params``: a mix source's
+    teacher's (default the session's teacher)."""
     rollouts = batch.rollouts
     return step_flops(
-        s.info["student_params"], s.info["teacher_params"], tokens_generated=int(rollouts.lengths_B.sum()),
+        s.info["student_params"], teacher_params or s.info["teacher_params"],
+        tokens_generated=int(rollouts.lengths_B.sum()),
         teacher_tokens=int(batch.teacher_rollouts.attention_mask_B_L.sum()),
         student_tokens=int(rollouts.attention_mask_B_L.sum()),
         selection_tokens=0 if scores is None else scores.student_tokens,
     )
+
+
+def run_mix_step(s: Session, cfg: Config, step: int, horizon: int,
+                 sampled: tuple[range, list[int], Rollouts, float]) -> StepMetrics:
+    """``run_step`` after sampling, for a data mix (``esr.train.route``): each source's rows are read, scored and
+    trained by its own teacher, every loss divided by the whole batch's selected-token count. The selection is drawn
+    once over the whole batch (score-based selectors are refused with a mix: esr/config/checks.py)."""
+    assert s.route is not None
+    rows, prompt_index, rollouts, seconds_generate = sampled
+    t0 = time.perf_counter()
+    groups = s.route.groups(prompt_index)
+    for scorer in s.route.all_scorers():
+        scorer.seconds = 0.0
+    batches = [s.route.scorers[j].read(take_rows(rollouts, g), [prompt_index[b] for b in g]) for j, g in groups]
+    valid_B_R = torch.zeros_like(rollouts.response_mask_B_R)
+    for (_, g), batch in zip(groups, batches, strict=True):
+        valid_B_R[g] = batch.valid_B_R.to(valid_B_R.device)
+    selection = select_for_rows(cfg.loss, valid_B_R, rollouts.response_mask_B_R,
+                                SELECT_SEED + cfg.seed * 1_000_003 + step, None, rows)
+    loss, kl_sum, by_source, health_sums = 0.0, 0.0, {}, [0.0, 0.0, 0]
+    for (j, g), batch in zip(groups, batches, strict=True):
+        t_group, before = time.perf_counter(), s.route.scorers[j].seconds
+        part = dataclasses.replace(selection, select_B_R=selection.select_B_R[g], scores=None,
+                                   weight_B_R=None if selection.weight_B_R is None else selection.weight_B_R[g])
+        group_loss, group_kl, _, health = _loss_pass(s, cfg, batch, part, None, s.route.scorers[j],
+                                                     s.route.vocab_sizes[j])
+        n = int(part.select_B_R.sum())
+        loss, kl_sum = loss + group_loss, kl_sum + group_kl
+        if health[0] is not None:
+            tokens = int(batch.rollouts.lengths_B.sum())
+            health_sums = [health_sums[0] + health[0] * tokens, max(health_sums[1], health[1] or 0.0),
+                           health_sums[2] + tokens]
+        by_source[s.route.mix.names[j]] = {
+            "kl": group_kl / max(1, n), "tokens_scored": n, "rows": len(g),
+            "seconds_score": s.route.scorers[j].seconds - before, "seconds": time.perf_counter() - t_group}
+    seconds_score = sum(sc.seconds for sc in s.route.all_scorers())
+    seconds_train = time.perf_counter() - t0 - seconds_score
+    grad_norm, skipped, lr = _optimizer_step(s, cfg, loss)
+    lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
+    flops = [sum(x) for x in zip(*(_flops(s, b, None, s.route.teacher_params[j]) for (j, _), b in
+                                   zip(groups, batches, strict=True)), strict=True)]
+    return merge_metrics(StepMetrics(
+        step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
+        tokens_generated=int(lengths_B.sum()), tokens_scored=n_selected,
+        trained_share=n_selected / max(1, int(lengths_B.sum())), response_len_mean=float(lengths_B.float().mean()),
+        response_len_max=int(lengths_B.max()), cut_share=float(rollouts.cut_B.float().mean()),
+        grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
+        seconds_train=seconds_train, seconds_align=sum(b.seconds_align for b in batches),
+        peak_mem_gb=peak_memory_gb(s.device), flops_generate=flops[0], flops_score=flops[1],
+        flops_train=flops[2], skipped=skipped,
+        engine_logp_delta_mean=health_sums[0] / health_sums[2] if health_sums[2] else None,
+        engine_logp_delta_max=health_sums[1] if health_sums[2] else None, by_source=by_source,
+        distinct_share=distinct_share(rollouts, rows, cfg.rollout.samples_per_prompt),
+    ))
+
+
+def take_rows(rollouts: Rollouts, rows: list[int]) -> Rollouts:
+    """Rows ``rows`` of ``rollouts`` (in that order), columns untouched: a mix source's share of the batch."""
+    idx = torch.tensor(rows, device=rollouts.input_ids_B_L.device)
+    return dataclasses.replace(
+        rollouts, input_ids_B_L=rollouts.input_ids_B_L[idx], attention_mask_B_L=rollouts.attention_mask_B_L[idx],
+        response_mask_B_R=rollouts.response_mask_B_R[idx], cut_B=rollouts.cut_B[idx],
+        logprobs_B_R=None if rollouts.logprobs_B_R is None else rollouts.logprobs_B_R[idx])

@@ -16,6 +16,7 @@ from torch import nn
 
 from esr.config import Config, ConfigError
 from esr.data import has_chat_template, load_prompts, tokenize_prompts
+from esr.data.mix import MixPrompts, load_mix
 from esr.data.order import batch_indices  # noqa: F401  (re-exported: the loop and benchmarks use it here)
 from esr.data.sources import PromptSet
 from esr.data.template import TokenizedPrompts
@@ -38,6 +39,7 @@ from esr.teacher.score import LocalScorer
 from esr.teacher.scorer import TeacherScorer, check_supported
 from esr.teacher.vllm_score import VLLMScorer
 from esr.train.remote_teacher import RemoteScorer, connect_remote_teacher
+from esr.train.route import Route, make_route, teacher_configs
 from esr.train.samples import make_teacher_sampler
 
 log = logging.getLogger("esr.train")
@@ -72,6 +74,8 @@ class Session:
     """Facts recorded in run.json: parameter counts, prompt counts, eos ids, device, dtype."""
     teacher_sampler: Sampler | None = None
     """Samples the teacher's share of the rows (``rollout.teacher_share`` > 0; esr/train/samples.py), else None."""
+    route: Route | None = None
+    """With ``data.mix``: each source's prompts, weight and scorer (``esr.train.route``); None for one source."""
 
 
 def prompt_budget(cfg: Config, *models: nn.Module) -> int:
@@ -106,48 +110,62 @@ class Vocabularies(NamedTuple):
 
 def build_session(cfg: Config) -> Session:
     """The run's session (module docstring). A config the models or the teacher cannot serve raises here,
-    before the caller creates a run folder."""
+    before the caller creates a run folder. With ``data.mix``: one scorer per distinct teacher of the mix
+    (``session.route``); the first item's teacher is ``scorer``."""
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
     # teacher.url: the teacher is a server (esr/train/remote_teacher.py), reached before any model loads.
-    remote = connect_remote_teacher(cfg) if getattr(cfg.teacher, "url", None) is not None else None
-    student, tokenizer, teacher, teacher_tok = _load_models(cfg, device, dtype, remote)
-    vocab = _vocabularies(cfg, student, tokenizer, teacher, teacher_tok, remote)
+    cfgs = teacher_configs(cfg)
+    remotes = [connect_remote_teacher(c) if getattr(c.teacher, "url", None) is not None else None for c in cfgs]
+    student, tokenizer, teacher, teacher_tok = _load_models(cfgs[0], device, dtype, remotes[0])
+    loaded = [(teacher, teacher_tok), *(_load_models(c, device, dtype, r, student, tokenizer)[2:]
+                                        for c, r in zip(cfgs[1:], remotes[1:], strict=True))]
+    vocabs = [_vocabularies(c, student, tokenizer, t, tt, r)
+              for c, r, (t, tt) in zip(cfgs, remotes, loaded, strict=True)]
     eos_ids = eos_token_ids(tokenizer, student)
-    teacher_sampler = make_teacher_sampler(cfg, teacher, vocab.cross_mode, eos_token_ids=eos_ids,
-                                           pad_token_id=tokenizer.pad_token_id, vocab_size=vocab.vocab_size)
-    prompt_set, tokenized = _prompts(cfg, tokenizer, student, teacher)
-    cross = (None if vocab.cross_mode is None
-             else _cross_tokenizer(cfg, tokenizer, teacher_tok, vocab, eos_ids, tokenized))
-    scorer = _make_scorer(cfg, teacher, remote, cross, vocab, dtype, prompt_budget(cfg, student))
-    check_supported(cfg.loss, scorer.capabilities)
+    teacher_sampler = make_teacher_sampler(cfg, teacher, vocabs[0].cross_mode, eos_token_ids=eos_ids,
+                                           pad_token_id=tokenizer.pad_token_id, vocab_size=vocabs[0].vocab_size)
+    prompt_set, tokenized, mix = _prompts(cfg, tokenizer, student, *(t for t, _ in loaded))
+    crosses = [None if v.cross_mode is None else _cross_tokenizer(c, tokenizer, tt, v, eos_ids, tokenized)
+               for c, v, (_, tt) in zip(cfgs, vocabs, loaded, strict=True)]
+    scorers = [_make_scorer(c, t, r, x, v, dtype, prompt_budget(cfg, student))
+               for c, (t, _), r, x, v in zip(cfgs, loaded, remotes, crosses, vocabs, strict=True)]
+    for scorer in scorers:
+        check_supported(cfg.loss, scorer.capabilities)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the seed makes a run (and its resume) repeatable
     student = _make_trainable(student, cfg)
     optimizer, scheduler = make_optimizer(student, cfg)
     pad_id = tokenizer.pad_token_id  # load_model guarantees one (eos when the tokenizer had none)
     sampler = make_sampler(cfg.rollout, student, eos_token_ids=eos_ids, pad_token_id=pad_id,
                            context=_engine_context(cfg, dtype, prompt_budget(cfg, student)))
+    route = None if mix is None else make_route(cfg, cfgs, scorers, [v.vocab_size for v in vocabs], [
+        _model_info(device, dtype, student, t, sc)["teacher_params"] for (t, _), sc in zip(loaded, scorers, strict=True)
+    ], mix)
     info = {
-        **_model_info(device, dtype, student, teacher, scorer),
-        **_vocabulary_info(vocab, eos_ids, pad_id, cross),
+        **_model_info(device, dtype, student, teacher, scorers[0]),
+        **_vocabulary_info(vocabs[0], eos_ids, pad_id, crosses[0]),
         "prompts": len(tokenized.ids), "data_rows": prompt_set.n_rows, "data_skipped": prompt_set.n_skipped,
-        "prompts_too_long": tokenized.n_too_long,
+        "prompts_too_long": tokenized.n_too_long, **({} if route is None else {"mix": route.info}),
     }
     return Session(
-        student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler, scorer=scorer,
-        policy=make_policy(cfg.rollout), cross=cross, prompt_ids=tokenized.ids, vocab_size=vocab.vocab_size,
-        optimizer=optimizer, scheduler=scheduler, device=device, info=info, teacher_sampler=teacher_sampler,
+        student=student, teacher=teacher, tokenizer=tokenizer, sampler=sampler, scorer=scorers[0],
+        policy=make_policy(cfg.rollout), cross=crosses[0], prompt_ids=tokenized.ids, vocab_size=vocabs[0].vocab_size,
+        optimizer=optimizer, scheduler=scheduler, device=device, info=info, route=route,
+        teacher_sampler=teacher_sampler,
     )
 
 
-def _load_models(cfg: Config, device: torch.device, dtype: torch.dtype,
-                 remote: RemoteScorer | None) -> tuple[nn.Module, Any, nn.Module | None, Any]:
+def _load_models(cfg: Config, device: torch.device, dtype: torch.dtype, remote: RemoteScorer | None,
+                 student: nn.Module | None = None,
+                 tokenizer: Any = None) -> tuple[nn.Module, Any, nn.Module | None, Any]:
     """(student, its tokenizer, teacher, its tokenizer); a remote teacher loads nothing here (its tokenizer is
     checked against the student's by ``RemoteScorer.check_student``, so the student's stands for it), an in-process
-    vLLM teacher only its tokenizer (``_make_scorer`` starts its engine)."""
-    student, tokenizer = load_model(cfg.student.name, dtype=dtype, device=device,
-                                    trust_remote_code=cfg.student.trust_remote_code,
-                                    allow_pickle=cfg.student.allow_pickle)
+    vLLM teacher only its tokenizer (``_make_scorer`` starts its engine). A ``student`` given is not loaded again
+    (a mix's further teachers)."""
+    if student is None:
+        student, tokenizer = load_model(cfg.student.name, dtype=dtype, device=device,
+                                        trust_remote_code=cfg.student.trust_remote_code,
+                                        allow_pickle=cfg.student.allow_pickle)
     if remote is not None:
         return student, tokenizer, None, tokenizer
     if _teacher_engine(cfg) == "vllm":
@@ -201,15 +219,20 @@ def _refuse_cross_tokenizer(cfg: Config, why: str) -> None:
 
 
 def _prompts(cfg: Config, tokenizer: Any, student: nn.Module,
-             teacher: nn.Module | None) -> tuple[PromptSet, TokenizedPrompts]:
-    """The training prompts, rendered for the student and capped to what every model's context window holds."""
+             *teachers: nn.Module | None) -> tuple[PromptSet, TokenizedPrompts, MixPrompts | None]:
+    """The training prompts, rendered for the student and capped to what every model's context window holds
+    (``data.mix``: every source's, concatenated; the PromptSet then sums the sources' row counts)."""
     if not has_chat_template(tokenizer):
         log.warning("student '%s' has no chat template: prompts use the plain 'Question: ... Answer:' template, "
                     "which suits a base model; a chat model that lost its template would be trained off-format",
                     cfg.student.name)
+    budget = prompt_budget(cfg, student, *(t for t in teachers if t is not None))
+    if cfg.data.mix:
+        mix = load_mix(cfg.data, tokenizer, budget)
+        rows = [sum(v[k] for v in mix.info.values()) for k in ("data_rows", "data_skipped")]
+        return PromptSet(mix.tokenized.prompts, "data.mix", rows[0], rows[1], (), {}), mix.tokenized, mix
     prompt_set = load_prompts(cfg.data)
-    models = [student] if teacher is None else [student, teacher]
-    return prompt_set, tokenize_prompts(prompt_set.prompts, tokenizer, prompt_budget(cfg, *models))
+    return prompt_set, tokenize_prompts(prompt_set.prompts, tokenizer, budget), None
 
 
 def _cross_tokenizer(cfg: Config, tokenizer: Any, teacher_tok: Any, vocab: Vocabularies, eos_ids: list[int],

@@ -58,7 +58,7 @@ def grads(model):
 def loss_pass(session, cfg, rollouts, selection):
     """The loop's own micro-batch loop (esr.train.run_step._loss_pass) for cfg.train.micro_batch_size."""
     session.student.zero_grad()
-    total, _, _ = step_module._loss_pass(session, cfg, read(session, rollouts), selection, selection.scores)
+    total, _, _, _ = step_module._loss_pass(session, cfg, read(session, rollouts), selection, selection.scores)
     return total, grads(session.student)
 
 
