@@ -53,6 +53,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             hint_text = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.{hint_text}")
         return value
+    if origin is tuple:  # a list in YAML (`[a, b]`), or one bare value for a list of one
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(item, typing.get_args(hint)[0], key) for item in items)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -84,7 +89,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts (what `config.yaml` in a run folder holds)."""
-    return dataclasses.asdict(cfg)
+    return _lists(dataclasses.asdict(cfg))
+
+
+def _lists(data: Any) -> Any:
+    """Tuples (list-valued keys such as ``log.trackers``) as lists, which YAML writes plainly."""
+    if isinstance(data, dict):
+        return {k: _lists(v) for k, v in data.items()}
+    return [_lists(v) for v in data] if isinstance(data, tuple) else data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from typing import Any
+
+import torch
 
 from esr.config import Config
 from esr.losses import needed_scores
@@ -18,14 +21,16 @@ from esr.teacher.targets import TeacherTargets
 from esr.train.distributed import clip_gradients, merge_metrics, my_rows, select_for_rows, sync_gradients
 from esr.train.memory import release_freed_memory
 from esr.train.metrics import StepMetrics, peak_memory_gb, step_flops
+from esr.train.samples import sample_rows
 from esr.train.scores import SELECT_SEED, Selection, TokenScores, score_tokens
 from esr.train.session import Session, batch_indices
 from esr.train.step import distill_micro_batch
 from esr.types import Rollouts
 
 
-def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
-    """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics."""
+def run_step(s: Session, cfg: Config, step: int, samples: list[dict[str, Any]] | None = None) -> StepMetrics:
+    """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics; given a
+    list ``samples``, also appends the samples table of this process's first ``log.samples`` rollouts to it."""
     # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
     horizon = s.policy.plan(step)
     rows, prompt_index, rollouts, seconds_generate = _sample(s, cfg, step, horizon)
@@ -46,7 +51,11 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
 
     # 4. Teacher scoring (unless the scoring pass ran it) and the student's loss and backward, micro-batch by
     #    micro-batch.
-    loss, kl_sum, health = _loss_pass(s, cfg, batch, selection, scores)
+    kl_rows: list[torch.Tensor] | None = [] if samples is not None else None
+    loss, kl_sum, health = _loss_pass(s, cfg, batch, selection, scores, kl_rows)
+    if samples is not None and kl_rows is not None:
+        samples.extend(sample_rows(s.tokenizer, rollouts, torch.cat(kl_rows), selection.select_B_R.sum(1),
+                                   cfg.log.samples))
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
@@ -86,12 +95,13 @@ def _sample(s: Session, cfg: Config, step: int, horizon: int) -> tuple[range, li
     return rows, prompt_index, rollouts, seconds_generate
 
 
-def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection,
-               scores: TokenScores | None) -> tuple[float, float, tuple[float | None, float | None]]:
+def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selection, scores: TokenScores | None,
+               kl_rows: list[torch.Tensor] | None = None) -> tuple[float, float, tuple[float | None, float | None]]:
     """Loss and backward of every micro-batch of rows [a, a + train.micro_batch_size), against the teacher's
     targets: the scoring pass's when it ran the teacher, else the scorer's now (``train.teacher_batch_size`` rows
     per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, and the
-    on-policy health: mean and max |log p_trainer - log p_engine|, None without engine log-probs)."""
+    on-policy health: mean and max |log p_trainer - log p_engine|, None without engine log-probs). Given
+    ``kl_rows``, appends each micro-batch's per-row KL sums ``kl_B`` to it (the samples table)."""
     mbs, rollouts = cfg.train.micro_batch_size, batch.rollouts
     teacher: Iterable[TeacherTargets] = (scores.teacher if scores is not None and scores.teacher is not None
                                          else s.scorer.targets(batch, mbs, cfg.train.teacher_batch_size))
@@ -104,6 +114,8 @@ def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selectio
                                   selection.n_total, cfg.loss, s.vocab_size, weight_B_R=weight_B_R)
         release_freed_memory(s.device)
         loss, kl_sum = loss + out.loss, kl_sum + out.kl_sum
+        if kl_rows is not None:
+            kl_rows.append(out.kl_B_R.sum(dim=1))
         delta_sum, delta_max, n_delta = (delta_sum + out.engine_delta_sum, max(delta_max, out.engine_delta_max),
                                          n_delta + out.engine_tokens)
     health = (delta_sum / n_delta, delta_max) if rollouts.logprobs_B_R is not None and n_delta else (None, None)
