@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from esr_process import REPO, assert_user_error, esr_env, run_esr
+from esr_process import REPO, esr_env, run_esr
 
 from esr.config import ConfigError, load_config
 from esr.train import train
@@ -33,7 +33,8 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                   MLFLOW_TRACKING_URI="")
     run = tmp / "run"
     first = run_esr("train", SMOKE, TRACKERS, "log.samples_every=2", "eval.every=2", "eval.limit=2",
-                    "eval.max_new_tokens=8", "--out", run, "--no-progress", env=env)
+                    "eval.max_new_tokens=8", "rollout.n=8", "rollout.max_new_tokens=8", "--out", run, "--no-progress",
+                    env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     first_rows = _jsonl(run / "metrics.jsonl")
     shutil.rmtree(run / "checkpoints" / "step-000003")
@@ -152,11 +153,6 @@ def test_a_missing_tracker_library_names_its_extra_before_any_model_loads(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_the_cli_reports_an_unknown_tracker_as_a_user_error(tmp_path: Path):
-    assert_user_error(run_esr("train", SMOKE, "log.trackers=[tensorbord]", "--out", tmp_path / "run"),
-                      "log.trackers", "tensorboard")
-
-
 def _same(pairs: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
     """(step, value) pairs: the same steps, each once, with the same values (to float32 rounding)."""
     assert [step for step, _ in pairs] == [step for step, _ in expected]
@@ -208,3 +204,45 @@ def _wandb_records(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 node[keys[-1]] = json.loads(item.value_json)
             history.append(row)
     return config, history
+
+
+def test_a_stopped_then_failed_run_ends_its_tracker_run_so_and_a_resume_skips_the_steps_it_has(tmp_path: Path):
+    """MetricsLog with MLflow, in process: close("stopped") marks the run KILLED; a resume (a new MetricsLog on the
+    same folder, cut back to step 1) continues the same MLflow run and sends step 2 (already there) not again."""
+    from mlflow import MlflowClient
+
+    from esr.train.metrics import MetricsLog, StepMetrics
+
+    cfg = load_config(SMOKE, ["log.trackers=[mlflow]"])
+    fields = {f: 0.0 for f in StepMetrics.__dataclass_fields__ if f not in ("step", "skipped")}
+    log = MetricsLog(tmp_path, cfg)
+    for step in (1, 2):
+        log.write(StepMetrics(step=step, **{**fields, "kl": float(step), "horizon": 16}))
+    log.close("stopped")
+    state = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(state["tracking_uri"])
+    assert client.get_run(state["run_id"]).info.status == "KILLED"
+    resumed = MetricsLog(tmp_path, cfg)
+    resumed.truncate_after(1)  # the checkpoint of step 1: step 2 is redone
+    for step in (2, 3):
+        resumed.write(StepMetrics(step=step, **{**fields, "kl": 10.0 * step, "horizon": 16}))
+    resumed.close("failed")
+    assert client.get_run(state["run_id"]).info.status == "FAILED"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(state["run_id"], "train/kl")) == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [row["step"] for row in resumed.read()] == [1, 2, 3]
+
+
+def test_a_crash_in_a_step_ends_the_tracker_run_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from mlflow import MlflowClient
+
+    import esr.train.loop as loop_module
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a step crashed")
+
+    monkeypatch.setattr(loop_module, "run_step", crash)
+    with pytest.raises(RuntimeError, match="a step crashed"):
+        train(load_config(SMOKE, ["log.trackers=[mlflow]"]), tmp_path / "run", progress=False)
+    state = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
+    assert MlflowClient(state["tracking_uri"]).get_run(state["run_id"]).info.status == "FAILED"
