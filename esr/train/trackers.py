@@ -26,11 +26,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from esr.config import Config, ConfigError, to_dict
+from esr.errors import EsrError
 
 EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 """The module each tracker needs (its extra of esr-distill has the same name)."""
 STATE_FILE = "trackers.json"
 """Run ids of the trackers that continue a run on resume, in the run folder."""
+
+
+class TrackerError(EsrError, RuntimeError):
+    """A tracker of ``log.trackers`` could not start (no login, a tracking URI it cannot use, ...)."""
+
+
+HINTS = {"wandb": "log in (wandb login) or set WANDB_MODE=offline to keep the run local",
+         "mlflow": "check MLFLOW_TRACKING_URI (unset: the run's mlflow.db)",
+         "trackio": "check TRACKIO_DIR", "tensorboard": "check the run folder's tb/"}
 
 
 class Tracker(Protocol):
@@ -68,7 +78,12 @@ def open_trackers(cfg: Config, run_dir: Path) -> list[Tracker]:
     opened: list[Tracker] = []
     try:
         for kind in default_trackers(cfg):
-            opened.append(_OPEN[kind](run_dir, project, name, config, state))
+            try:
+                opened.append(_OPEN[kind](run_dir, project, name, config, state))
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise TrackerError(f"log.trackers: {kind} could not start ({first}); {HINTS[kind]}, or drop {kind} "
+                                   "from log.trackers") from e
     except BaseException:
         for tracker in opened:  # the ones started before the one that failed
             tracker.close("failed")

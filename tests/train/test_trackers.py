@@ -246,3 +246,13 @@ def test_a_crash_in_a_step_ends_the_tracker_run_as_failed(tmp_path: Path, monkey
         train(load_config(SMOKE, ["log.trackers=[mlflow]"]), tmp_path / "run", progress=False)
     state = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
     assert MlflowClient(state["tracking_uri"]).get_run(state["run_id"]).info.status == "FAILED"
+
+
+def test_a_tracker_that_cannot_start_is_one_line_that_says_what_to_check(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    from esr.train.metrics import MetricsLog
+    from esr.train.trackers import TrackerError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://x")
+    with pytest.raises(TrackerError, match=r"mlflow could not start \(.*\); check MLFLOW_TRACKING_URI"):
+        MetricsLog(tmp_path, load_config(SMOKE, ["log.trackers=[tensorboard,mlflow]"]))
