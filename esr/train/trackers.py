@@ -164,6 +164,8 @@ class MlflowTracker:
     def __init__(self, run_dir: Path, project: str, name: str, config: dict[str, Any], state: dict) -> None:
         from mlflow import MlflowClient
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        # the run's own store keeps its artifacts (the samples tables) beside it, not in the working directory
+        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (run_dir / "mlartifacts").resolve().as_uri()
         self.client = MlflowClient(uri)
         kept = state.get("mlflow", {})
         if kept.get("tracking_uri") == uri and kept.get("run_id"):
@@ -173,7 +175,7 @@ class MlflowTracker:
         else:
             experiment = self.client.get_experiment_by_name(project)
             experiment_id = (experiment.experiment_id if experiment is not None else
-                             self.client.create_experiment(project))
+                             self.client.create_experiment(project, artifact_location=artifacts))
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             self.resumed = False
         state["mlflow"] = {"tracking_uri": uri, "run_id": self.run_id}

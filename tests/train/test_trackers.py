@@ -125,6 +125,7 @@ def test_mlflow_sqlite_store(logged: dict[str, Any]):
     evals = client.get_metric_history(state["run_id"], "eval/accuracy")
     _same(sorted((m.step, m.value) for m in evals), _evals(logged))
     assert "eval/pass_1" in run.data.metrics  # eval/pass@1, in the characters MLflow allows
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(logged["run"].resolve())
     for step in (2, 4):
         path = Path(client.download_artifacts(state["run_id"], f"samples/step-{step:06d}.json",
                                               str(logged["run"] / "download")))
@@ -242,10 +243,12 @@ def test_a_crash_in_a_step_ends_the_tracker_run_as_failed(tmp_path: Path, monkey
         raise RuntimeError("a step crashed")
 
     monkeypatch.setattr(loop_module, "run_step", crash)
+    monkeypatch.chdir(tmp_path)  # nothing of the run lands in the working directory
     with pytest.raises(RuntimeError, match="a step crashed"):
         train(load_config(SMOKE, ["log.trackers=[mlflow]"]), tmp_path / "run", progress=False)
     state = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
     assert MlflowClient(state["tracking_uri"]).get_run(state["run_id"]).info.status == "FAILED"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_a_tracker_that_cannot_start_is_one_line_that_says_what_to_check(tmp_path: Path,
