@@ -56,6 +56,9 @@ EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
         "Gemma-3-270M (a 262k vocabulary) as the student takes minutes a step on 2 CPU cores even at 12 tokens (600 s "
         "timed out under load); the quickstart-xfamily line runs the same cross-tokenizer path, and Gemma's tokenizer "
         "is aligned against Qwen's and SmolLM2's in tests/teacher"),
+    "WANDB_MODE=offline esr train configs/quickstart.yaml 'log.trackers=[wandb,mlflow]' log.samples_every=10": Skip(
+        "tests/train/test_trackers.py runs this with all four trackers on the smoke models (log.samples_every=2, "
+        "eval.every=2), reads each tracker's files back and resumes it; another trained run here would add ~40 s"),
     # rollouts on vLLM (tiny-qwen: vLLM's CPU attention needs head size >= 32)
     'pip install -e ".[vllm]" && pip uninstall -y torchvision torchaudio torchcodec':
         Skip("an install line: README command 2 installs [vllm] and removes the same three packages"),

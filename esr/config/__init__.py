@@ -14,6 +14,7 @@ from esr.config.schema import (
     DataConfig,
     EvalConfig,
     ExtrapolateConfig,
+    LogConfig,
     LoraConfig,
     LossConfig,
     MixSource,
@@ -27,7 +28,8 @@ from esr.config.schema import (
 )
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "LoraConfig", "LossConfig", "MixSource",
+    "Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "LogConfig", "LoraConfig", "LossConfig",
+    "MixSource",
     "ModelConfig", "OptimConfig", "RolloutConfig", "Select", "TeacherConfig", "TrainConfig", "VllmConfig",
     "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
 ]

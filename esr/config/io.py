@@ -65,6 +65,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             hint_text = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.{hint_text}")
         return value
+    if origin is tuple:  # a list in YAML (`[a, b]`), or one bare value for a list of one
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(item, typing.get_args(hint)[0], key) for item in items)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:

@@ -12,13 +12,13 @@ from typing import Literal
 
 from esr.config.checks import ConfigError, check_engines, check_loss, check_mix, check_remote_teacher, check_samples
 from esr.config.inputs import DataConfig, MixSource, ModelConfig, TeacherConfig, TeacherEngine
+from esr.config.log import LogConfig, Tracker
 from esr.config.ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Range, at_least, between, check_ranges, ranged
 from esr.config.rollout import Horizon, RolloutConfig, RolloutDType, RolloutEngine, VllmConfig
 
-__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "Horizon", "LoraConfig",
-           "LossConfig", "MixSource", "ModelConfig", "OptimConfig", "RolloutConfig", "RolloutDType", "RolloutEngine",
-           "Select",
-           "TeacherConfig", "TeacherEngine", "TrainConfig", "VllmConfig"]
+__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "Horizon", "LogConfig",
+           "LoraConfig", "LossConfig", "MixSource", "ModelConfig", "OptimConfig", "RolloutConfig", "RolloutDType",
+           "RolloutEngine", "Select", "TeacherConfig", "TeacherEngine", "Tracker", "TrainConfig", "VllmConfig"]
 
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled", "topk"]
 CrossTokenizer = Literal["aligned-exact", "span-sampled"]
@@ -198,6 +198,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    """Experiment trackers and the samples table (metrics.jsonl is always written)."""
 
     def __post_init__(self) -> None:
         _check_consistency(self)

@@ -364,7 +364,7 @@ class NullLog(MetricsLog):
     rows it was given so ``read`` still returns this run's metrics."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path, self.writer, self.rows = run_dir / "metrics.jsonl", None, []
+        self.path, self.trackers, self.rows, self.logged_through = run_dir / "metrics.jsonl", [], [], 0
 
     def truncate_after(self, step: int) -> None:
         pass
@@ -373,6 +373,9 @@ class NullLog(MetricsLog):
         self.rows.append(dataclasses.asdict(metrics))
 
     def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def table(self, step: int, rows: list[dict[str, Any]]) -> None:
         pass
 
     def read(self) -> list[dict[str, Any]]:

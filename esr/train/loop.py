@@ -46,6 +46,7 @@ from esr.train.run_folder import RunFolderError, check_new_run_folder
 from esr.train.run_step import run_step
 from esr.train.session import Session, build_session
 from esr.train.stopping import RunStopped, StopRequests
+from esr.train.trackers import check_trackers
 from esr.train.verify import expected_of, resume_point
 
 
@@ -89,13 +90,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
         check_new_run_folder(cfg, run_dir)  # a file, a folder of other files, or another run: refused here
     if cfg.train.deterministic:
         _use_deterministic_algorithms()
+    main_only(check_trackers, cfg)  # a tracker whose library is missing: said before any model loads
     s = build_session(cfg)  # before the folder exists: a config the session rejects leaves nothing behind
     barrier()  # every process has looked at the folder before rank 0, the only writer, writes into it
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         _write_run_json(run_dir, s.info)
-    log = MetricsLog(run_dir) if is_main() else NullLog(run_dir)
+    log = MetricsLog(run_dir, cfg) if is_main() else NullLog(run_dir)
     evals = PeriodicEval(cfg, run_dir)
     # EffOPD (optim.extrapolate): built from the initial weights, before a checkpoint replaces them; its probe
     # prompts are the ones chosen when the run started, also after an extension (esr/train/extend.py).
@@ -103,15 +105,20 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
                     else None)
     events_path = run_dir / "extrapolate" / "events.jsonl"
 
+    status = "failed"  # how the trackers' run ends: finished, stopped (graceful stop; resumable) or failed
     try:
         s, start, ckpt, nonfinite_in_a_row = _restore(s, cfg, run_dir, resume, extrapolator, log, evals, events_path)
         ckpt = _steps(s, cfg, run_dir, start, ckpt, nonfinite_in_a_row, extrapolator, log, evals, events_path,
                       progress)
+        status = "finished"
+    except RunStopped:
+        status = "stopped"
+        raise
     finally:
         s.sampler.close()  # a vLLM engine holds memory and threads (a crash must not leave them behind)
         for scorer in [s.scorer] if s.route is None else s.route.all_scorers():
             getattr(scorer, "close", lambda: None)()  # so does an in-process vLLM teacher (teacher.engine=vllm)
-        log.close()
+        log.close(status)
     return RunResult(run_dir=run_dir, steps=cfg.train.steps, metrics=log.read(), last_checkpoint=ckpt)
 
 
@@ -126,13 +133,16 @@ def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None
         for step in range(start, cfg.train.steps):
             with (_explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar),
                   explain_engine_failure(step + 1, run_dir, ckpt, bar)):
-                metrics = run_step(s, cfg, step)
+                samples = [] if cfg.log.samples_every and (step + 1) % cfg.log.samples_every == 0 else None
+                metrics = run_step(s, cfg, step, samples)
                 if extrapolator is not None and extrapolator.due(step + 1):
                     metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
 
             # Log, show, checkpoint.
             log.write(metrics)
+            if samples:
+                log.table(step + 1, samples)
             bar.update(metrics)
             if nonfinite_in_a_row >= cfg.train.max_nonfinite:
                 bar.close()

@@ -1,4 +1,4 @@
-"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step, flushed and fsynced), and TensorBoard when installed.
+"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step, flushed and fsynced), and the experiment trackers.
 
 On resume the log is cut back to the checkpoint's step, so a crash between a step's log line and the next checkpoint
 never leaves a duplicated or missing step.
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from esr.config import Config
+from esr.train.trackers import TensorBoardTracker, Tracker, numbers, open_trackers
 
 
 @dataclass(frozen=True)
@@ -116,44 +119,66 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Appends StepMetrics to ``metrics.jsonl``; mirrors scalars to TensorBoard when it is installed."""
+    """Appends StepMetrics to ``metrics.jsonl`` and the samples table to ``samples.jsonl``; fans both out, with the
+    evaluations' numbers, to the experiment trackers of ``log.trackers`` (esr/train/trackers.py; without a config:
+    TensorBoard when ``tensorboard`` and it is installed)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, cfg: Config | None = None, tensorboard: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self.writer = _tensorboard_writer(run_dir / "tb") if tensorboard else None
+        self.samples_path = run_dir / "samples.jsonl"
+        if cfg is None:
+            writer = _tensorboard_writer(run_dir / "tb") if tensorboard else None
+            self.trackers: list[Tracker] = [] if writer is None else [TensorBoardTracker(writer)]
+        else:
+            self.trackers = open_trackers(cfg, run_dir)
+        self.logged_through = 0
+        """Steps up to this one reached the trackers before a resume: not logged to them again."""
 
     def truncate_after(self, step: int) -> None:
-        """Keep only lines with step <= ``step`` (called on resume from that checkpoint)."""
+        """Keep only lines with step <= ``step`` (called on resume from that checkpoint); the trackers, which cannot
+        forget a point, skip the steps they already have."""
+        if self.path.exists():
+            steps = [_line_step(line) for line in self.path.read_text().splitlines()]
+            self.logged_through = max((s for s in steps if s != sys.maxsize), default=0)
         truncate_jsonl(self.path, step)
+        truncate_jsonl(self.samples_path, step)
 
     def write(self, metrics: StepMetrics) -> None:
         append_jsonl(self.path, asdict(metrics))
-        if self.writer is not None:
-            for key, value in asdict(metrics).items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"train/{key}", value, metrics.step)
-                for name, values in (value.items() if isinstance(value, dict) else ()):  # by_source
-                    for k, v in values.items():
-                        self.writer.add_scalar(f"train/{key}/{name}/{k}", v, metrics.step)
-            self.writer.flush()
+        self.scalars("train", metrics.step, asdict(metrics))
 
     def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
-        """Mirror other numbers of a step (the evaluation's) to TensorBoard as ``prefix/key``."""
-        if self.writer is None:
-            return
-        for key, value in values.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
-        self.writer.flush()
+        """Send the numbers of a step's row (the evaluation's, the extrapolation's) to the trackers as
+        ``prefix/key``."""
+        if step > self.logged_through:
+            for tracker in self.trackers:
+                tracker.log_metrics(step, numbers(prefix, values))
+
+    def table(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """The samples table of a step: one line per row in samples.jsonl, one table per tracker."""
+        for row in rows:
+            append_jsonl(self.samples_path, {"step": step, **row})
+        if rows and step > self.logged_through:
+            for tracker in self.trackers:
+                tracker.log_table(step, rows)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, status: str = "finished") -> None:
+        """Finish every tracker (``status``: finished, stopped or failed); one that fails to close does not keep
+        the others open."""
+        errors = []
+        for tracker in self.trackers:
+            try:
+                tracker.close(status)
+            except Exception as e:  # noqa: BLE001 - a tracker's own failure must not hide the run's
+                errors.append(e)
+        self.trackers = []
+        if errors:
+            logging.getLogger("esr.train").warning("closing an experiment tracker failed: %s", errors[0])
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -191,3 +216,4 @@ def _tensorboard_writer(folder: Path) -> Any:
             "pip install 'esr-distill[tensorboard]'", folder)
         return None
     return SummaryWriter(str(folder))
+

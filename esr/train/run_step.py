@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from esr.teacher.targets import TeacherTargets
 from esr.train.distributed import clip_gradients, merge_metrics, my_rows, select_for_rows, sync_gradients
 from esr.train.memory import release_freed_memory
 from esr.train.metrics import StepMetrics, peak_memory_gb, step_flops
+from esr.train.sample_table import sample_rows
 from esr.train.samples import distinct_share, teacher_kl, teacher_rows_seed
 from esr.train.scores import SELECT_SEED, Selection, TokenScores, score_tokens
 from esr.train.session import Session
@@ -30,8 +32,9 @@ from esr.train.step import distill_micro_batch
 from esr.types import Rollouts
 
 
-def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
-    """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics."""
+def run_step(s: Session, cfg: Config, step: int, samples: list[dict[str, Any]] | None = None) -> StepMetrics:
+    """One optimizer step: plan the horizon, sample, score, loss and backward, update. Returns its metrics; given a
+    list ``samples``, also appends the samples table of this process's first ``log.samples`` rollouts to it."""
     # 1. Plan the horizon and sample the student's rollouts (seeded by step: a resumed run samples the same).
     horizon = s.policy.plan(step)
     rows, prompt_index, rollouts, seconds_generate, from_teacher = _sample(s, cfg, step, horizon)
@@ -57,6 +60,8 @@ def run_step(s: Session, cfg: Config, step: int) -> StepMetrics:
     #    micro-batch.
     loss, kl_sum, kl_B, health = _loss_pass(s, cfg, batch, selection, scores)
     kl_teacher, tokens_teacher = teacher_kl(kl_B, selection.select_B_R, from_teacher)
+    if samples is not None:  # log.samples_every: this step's table (esr/train/sample_table.py)
+        samples.extend(sample_rows(s.tokenizer, rollouts, kl_B, selection.select_B_R.sum(1), cfg.log.samples))
     seconds_score = s.scorer.seconds + seconds_select
     seconds_train = time.perf_counter() - t0 - seconds_score
 
@@ -121,8 +126,7 @@ def _loss_pass(s: Session, cfg: Config, batch: TeacherBatch, selection: Selectio
     targets: the scoring pass's when it ran the teacher, else the scorer's now (``train.teacher_batch_size`` rows
     per no-grad forward where the engine batches them). Returns (the batch's loss, its summed KL metric, each
     row's summed KL metric (B,), and the on-policy health: mean and max |log p_trainer - log p_engine|, None without
-    engine log-probs). ``scorer`` and
-    ``vocab_size``: a mix source's (``run_mix_step``); default the session's."""
+    engine log-probs). ``scorer`` and ``vocab_size``: a mix source's (``run_mix_step``); default the session's."""
     mbs, rollouts = cfg.train.micro_batch_size, batch.rollouts
     scorer, vocab_size = scorer or s.scorer, vocab_size or s.vocab_size
     teacher: Iterable[TeacherTargets] = (scores.teacher if scores is not None and scores.teacher is not None
