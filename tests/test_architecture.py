@@ -30,7 +30,7 @@ LAYERS: list[list[str]] = [
     ["esr.teacher", "esr.serve", "esr.eval", "esr.generate"],  # teacher scoring (local, remote), evaluation
     ["esr.optim"],  # EffOPD extrapolation and its probes (which evaluate a candidate)
     ["esr.train"],  # the session, the loop, checkpoints
-    ["esr.analysis", "esr.report"],  # read runs and checkpoints after training
+    ["esr.analysis", "esr.report", "esr.export"],  # read runs and checkpoints after training; ship a checkpoint
     ["esr.cli*"],  # argument parsing and printing; imported by nothing in the library
     ["esr.__main__"],
 ]
