@@ -30,8 +30,8 @@ IDS = [[1, 504, 3237, 314, 253, 1485, 30, 198, 2]]
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("export") / "lora"
-    cfg = load_config(SMOKE, ["train.steps=2", "train.checkpoint_every=1", "eval.every=1", "eval.limit=2",
-                              "eval.max_new_tokens=4", "eval.batch_size=2"])
+    cfg = load_config(SMOKE, ["train.steps=2", "train.checkpoint_every=1", "eval.every=1", "eval.limit=1",
+                              "eval.max_new_tokens=2"])
     train(cfg, run, progress=False)
     return run
 
@@ -104,7 +104,7 @@ def test_merged_exports_load_without_esr_and_give_esr_logits(lora_run, tmp_path)
     own = _logits(load_model(str(ckpt))[0])  # esr's own model: base + adapter, unmerged
     torch.testing.assert_close(got[str(fp32)], own, atol=1e-4, rtol=1e-4)
     assert (got[str(bf16)] - own).abs().max() < 0.05 * own.abs().max()
-    assert not torch.equal(own, _logits(load_model(str(lora_run / "checkpoints" / "step-000001"))[0]))
+    assert (own - _logits(load_model("tiny-student")[0])).abs().max() > 1e-3  # the adapter changed the model
 
 
 def test_a_full_fine_tuning_checkpoint_exports_its_weights(full_run, tmp_path):
