@@ -80,29 +80,34 @@ def test_a_run_folder_exports_its_best_checkpoint_as_an_adapter_with_tokenizer_a
     assert "| 1 |" in metrics and "| 2 |" not in metrics  # rows up to the exported step only
 
 
-def test_merged_exports_load_without_esr_and_give_esr_logits(lora_run, tmp_path):
+def test_exports_load_without_esr_and_give_esr_logits(lora_run, tmp_path):
     ckpt = checkpoint_dir(lora_run, 2)
-    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    fp32, bf16, adapter = tmp_path / "fp32", tmp_path / "bf16", tmp_path / "adapter"
     assert main(["export", str(ckpt), "--out", str(fp32), "--merge"]) == 0
+    assert main(["export", str(ckpt), "--out", str(adapter)]) == 0
     assert main(["export", str(ckpt), "--out", str(bf16), "--merge", "--dtype", "bfloat16"]) == 0
     assert not list(fp32.glob("adapter_*")) and (fp32 / "model.safetensors").is_file()
     assert {t.dtype for t in load_file(bf16 / "model.safetensors").values()} == {torch.bfloat16}
     assert "library_name: transformers" in _card(fp32)[0] and "LoRA merged into the student" in _card(fp32)[1]
     code = ("import sys, json; sys.modules['esr'] = None\n"  # esr cannot be imported in this process
-            "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "import os, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "from peft import AutoPeftModelForCausalLM\n"
             "out = {}\n"
             "for d in sys.argv[2:]:\n"
-            "    m = AutoModelForCausalLM.from_pretrained(d); AutoTokenizer.from_pretrained(d)\n"
+            "    peft = os.path.exists(os.path.join(d, 'adapter_config.json'))\n"
+            "    m = (AutoPeftModelForCausalLM if peft else AutoModelForCausalLM).from_pretrained(d)\n"
+            "    AutoTokenizer.from_pretrained(d)\n"
             "    with torch.no_grad(): out[d] = m(input_ids=torch.tensor(json.loads(sys.argv[1]))).logits.float()"
             ".tolist()\n"
             "print(json.dumps(out))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(IDS), str(fp32), str(bf16)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(IDS), str(fp32), str(bf16), str(adapter)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = {k: torch.tensor(v) for k, v in json.loads(proc.stdout.splitlines()[-1]).items()}
     own = _logits(load_model(str(ckpt))[0])  # esr's own model: base + adapter, unmerged
     torch.testing.assert_close(got[str(fp32)], own, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[str(adapter)], own, atol=1e-5, rtol=1e-5)  # peft, on the base the adapter names
     assert (got[str(bf16)] - own).abs().max() < 0.05 * own.abs().max()
     assert (own - _logits(load_model("tiny-student")[0])).abs().max() > 1e-3  # the adapter changed the model
 
