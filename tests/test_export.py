@@ -73,8 +73,9 @@ def test_a_run_folder_exports_its_best_checkpoint_as_an_adapter_with_tokenizer_a
     front, body = _card(out)
     assert "library_name: peft" in front and "- on-policy-distillation" in front and "base_model:" not in front
     for fact in ("tiny-student distilled from tiny-teacher", "| horizon | esr (N = 16 tokens) |", "| loss | reverse_kl",
-                 "| steps | 1 of 2 |", "| lr | 0.001 |", "| data | gsm_symbolic |", "esr version | 0.1.0",
-                 "## Evaluation during training (gsm_symbolic", "exists only on the machine that trained"):
+                 "| steps | 1 of 2 (checkpoint best by eval: accuracy=0.0 at step 1) |", "| lr | 0.001 |",
+                 "| data | gsm_symbolic |", "esr version | 0.1.0", "## Evaluation during training (gsm_symbolic",
+                 "| step | accuracy | pass@1 |", "exists only on the machine that trained"):
         assert fact in body, fact
     metrics = body.split("## Final training metrics")[1].split("##")[0]
     assert "| 1 |" in metrics and "| 2 |" not in metrics  # rows up to the exported step only

@@ -18,6 +18,8 @@ TAGS = ("esr", "distillation", "on-policy-distillation")
 METRIC_KEYS = ("loss", "kl", "response_len_mean", "cut_share", "trained_share", "grad_norm", "lr")
 """The columns of the card's final-metrics table, when metrics.jsonl has them."""
 LAST_ROWS = 3
+EVAL_KEYS = ("accuracy", "pass@1", "name_accuracy", "parse_rate", "relaxed_accuracy", "cut_share", "length_mean")
+"""The columns of the card's eval-history table besides ``eval.metric``, when the history has them."""
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,9 @@ def horizon_text(cfg: Config) -> str:
             "ratio": f"ratio (rho = {r.rho} of T = {r.max_new_tokens})"}[r.horizon]
 
 
-def model_card(facts: RunFacts, *, merged: bool, dtype: str, base_path: str | None) -> str:
+def model_card(facts: RunFacts, *, merged: bool, dtype: str, base_path: str | None, chosen: str = "") -> str:
     """The card's markdown. ``merged``: full weights (library transformers) or a PEFT adapter (library peft) whose
-    ``base_model_name_or_path`` is ``base_path``."""
+    ``base_model_name_or_path`` is ``base_path``; ``chosen``: why this checkpoint (best by eval, newest)."""
     cfg = facts.cfg
     front = ["---", f"library_name: {'transformers' if merged else 'peft'}", "tags:", *(f"- {t}" for t in TAGS)]
     if _hub_id(cfg.student.name):
@@ -84,7 +86,8 @@ def model_card(facts: RunFacts, *, merged: bool, dtype: str, base_path: str | No
         f"| horizon | {horizon_text(cfg)} |", f"| loss | {cfg.loss.kind} |",
         f"| fine-tuning | {cfg.train.finetune}" + (f" (r = {cfg.lora.r}, alpha = {cfg.lora.alpha})"
                                                     if cfg.train.finetune == "lora" else "") + " |",
-        f"| steps | {facts.step} of {cfg.train.steps} |", f"| lr | {cfg.train.lr:g} |",
+        f"| steps | {facts.step} of {cfg.train.steps}" + (f" ({chosen})" if chosen else "") + " |",
+        f"| lr | {cfg.train.lr:g} |",
         f"| batch size | {cfg.train.batch_size} prompts |", f"| data | {cfg.data.source} |",
         f"| seed | {cfg.seed} |", f"| esr version | {esr.__version__} |", "",
     ]
@@ -109,7 +112,7 @@ def _evals(facts: RunFacts) -> list[str]:
     if not facts.evals:
         return []
     cfg = facts.cfg.eval
-    keys = sorted({k for r in facts.evals for k, v in r.items() if isinstance(v, int | float) and k != "step"})
+    keys = [k for k in dict.fromkeys((cfg.metric, *EVAL_KEYS)) if any(k in r for r in facts.evals)]
     out = [f"## Evaluation during training ({cfg.task}, first {cfg.limit} problems, T = {cfg.temperature})", "",
            "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     out += [f"| {r['step']} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in facts.evals]

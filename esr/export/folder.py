@@ -76,7 +76,7 @@ def export_checkpoint(path: Path, out: Path, *, merge: bool = False, dtype: str 
             save_lora(model, tmp, base=base)
             generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        card = model_card(facts, merged=merged, dtype=dtype, base_path=base)
+        card = model_card(facts, merged=merged, dtype=dtype, base_path=base, chosen=f"checkpoint {source.why}")
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if out.is_dir():
             out.rmdir()  # empty (checked above)
