@@ -179,7 +179,8 @@ def test_an_exported_tiny_qwen_serves_in_vllm_with_hf_greedy_tokens(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     hf = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, len(ids):]
     vllm = import_vllm(1)
-    llm = vllm.LLM(model=str(out), **vllm_kwargs(dtype=torch.float32, max_model_len=256, seed=0, kv_cache_gib=1))
+    kwargs = vllm_kwargs(dtype=torch.float32, max_model_len=256, seed=0, kv_cache_gib=1)
+    llm = vllm.LLM(model=str(out), enforce_eager=not torch.cuda.is_available(), **kwargs)  # CPU: starts in seconds
     try:
         params = vllm.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         served = llm.generate([vllm.TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0].outputs[0]
