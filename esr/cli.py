@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   esr eval qwen2.5-coder-0.5b-instruct --task gsm_symbolic --limit 100
   esr probe kl-profile configs/quickstart.yaml            # where does the KL sit? recommends N
   esr report runs/esr-100 runs/full-400                   # one HTML page comparing runs
+  esr export runs/smoke --out models/smoke --merge        # a folder transformers and vLLM load without esr
 """
 
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_parser(verbs)
     _add_report_parser(verbs)
     _add_models_parser(verbs)
+    _add_export_parser(verbs)
     return parser
 
 
@@ -110,13 +112,34 @@ def _add_models_parser(verbs: argparse._SubParsersAction) -> None:
     m.add_argument("name", nargs="?", help="preset to prepare")
 
 
+def _add_export_parser(verbs: argparse._SubParsersAction) -> None:
+    x = verbs.add_parser(
+        "export", help="write a checkpoint as a model folder (weights, tokenizer, model card) for transformers/vLLM",
+        epilog="examples:\n  esr export runs/smoke --out models/smoke --merge\n"
+               "  esr export runs/smoke/checkpoints/step-000003 --out models/smoke-adapter\n"
+               "  esr export runs/smoke --out models/smoke --merge --dtype bfloat16 --push-to-hub me/smoke --private",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("checkpoint", type=Path,
+                   help="a checkpoint (RUN/checkpoints/step-N) or a run folder: its best checkpoint by eval during "
+                        "training (eval/best.json), else its newest")
+    x.add_argument("--out", type=Path, required=True, help="new folder to write (refused if it holds anything)")
+    x.add_argument("--merge", action="store_true",
+                   help="LoRA runs: merge the adapter into the base and write full weights (default: the adapter)")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="precision of the saved weights (default float32)")
+    x.add_argument("--push-to-hub", metavar="REPO",
+                   help="then upload the folder to this Hugging Face model repo (token: HF_TOKEN or hf auth login)")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         verbs = {"train": _train, "generate": _generate, "eval": _eval, "probe": run_probe, "analyze": run_analysis,
-                 "report": _report, "models": _models, "serve-teacher": run_serve, "check": run_check}
+                 "report": _report, "models": _models, "serve-teacher": run_serve, "check": run_check,
+                 "export": _export}
         return verbs[args.verb](args)
     except (EsrError, FileNotFoundError) as e:  # a message the user can act on, not a traceback
         if args.verbose:
@@ -251,6 +274,21 @@ def _models(args: argparse.Namespace) -> int:
         table.add_row(row["name"], str(row["params"]), "yes" if row["installed"] else "no",
                       "yes" if row["cached"] else "no")
     Console().print(table)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from esr.export import export_checkpoint, push_folder
+
+    if args.private and not args.push_to_hub:
+        print("esr: error: --private applies to --push-to-hub REPO; add it or drop --private", file=sys.stderr)
+        return 2
+    done = export_checkpoint(args.checkpoint, args.out, merge=args.merge, dtype=args.dtype)
+    what = "full weights" + (" (LoRA merged)" if done.source.lora else "") if done.merged else "LoRA adapter"
+    print(f"exported {done.source.checkpoint} ({done.source.why}): {what}, {done.dtype} -> {done.folder}")
+    if args.push_to_hub:
+        url = push_folder(done.folder, args.push_to_hub, private=args.private)
+        print(f"pushed to {args.push_to_hub}: {url}")
     return 0
 
 

@@ -30,7 +30,7 @@ LAYERS: list[list[str]] = [
     ["esr.teacher", "esr.serve", "esr.eval", "esr.generate"],  # teacher scoring (local, remote), evaluation
     ["esr.optim"],  # EffOPD extrapolation and its probes (which evaluate a candidate)
     ["esr.train"],  # the session, the loop, checkpoints
-    ["esr.analysis", "esr.report"],  # read runs and checkpoints after training
+    ["esr.analysis", "esr.report", "esr.export"],  # read runs and checkpoints after training; ship a checkpoint
     ["esr.cli*"],  # argument parsing and printing; imported by nothing in the library
     ["esr.__main__"],
 ]
@@ -255,6 +255,7 @@ def test_every_user_error_is_an_esr_error_and_keeps_its_builtin():
     from esr.config import ConfigError
     from esr.data import DataError
     from esr.errors import EsrError
+    from esr.export import ExportError
     from esr.models import ModelSpecError
     from esr.models.zoo import ZooChecksumError, ZooPackageMissing
     from esr.report import ReportError
@@ -266,7 +267,8 @@ def test_every_user_error_is_an_esr_error_and_keeps_its_builtin():
                            (ReportError, ValueError), (AnalysisError, ValueError), (ZooPackageMissing, RuntimeError),
                            (ZooChecksumError, RuntimeError), (CheckpointError, RuntimeError),
                            (NonFiniteLossError, RuntimeError), (RunFolderError, RuntimeError),
-                           (StepOutOfMemoryError, RuntimeError), (RemoteTeacherError, RuntimeError)):
+                           (StepOutOfMemoryError, RuntimeError), (RemoteTeacherError, RuntimeError),
+                           (ExportError, ValueError)):
         assert issubclass(error, EsrError) and issubclass(error, builtin), error
     assert import_graph()["esr.errors"] == set()  # a leaf: every layer can raise a subclass
 

@@ -85,6 +85,7 @@ EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
         [("quickstart.yaml", "smoke.yaml"), ("--ks 0 25 50 100 --limit 8", "--ks 0 4 8 " + FEW)],
     "esr analyze cascade runs/<run>": [("runs/<run>", "runs/esr-run --rollouts 2 --max-new-tokens 12 --no-progress")],
     "esr report runs/<esr-run> runs/<full-run>": [("<esr-run>", "esr-run"), ("<full-run>", "xfamily")],
+    "esr export runs/<run> --out models/my-student --merge --dtype bfloat16": [("runs/<run>", "runs/esr-run")],
     # the teacher as a service (a real server on 127.0.0.1, a free port)
     'pip install -e ".[serve]"': Skip("an install line: the [test] extra includes [serve]"),
     "ESR_TEACHER_TOKEN=s3cret esr serve-teacher qwen2.5-coder-1.5b-instruct --port 8000":
@@ -208,6 +209,7 @@ ORDER = [  # the README's lines, in an order where each run folder exists before
     "esr probe decay configs/quickstart.yaml --ks 0 25 50 100 --limit 8",
     "esr analyze cascade runs/<run>",
     "esr report runs/<esr-run> runs/<full-run>",
+    "esr export runs/<run> --out models/my-student --merge --dtype bfloat16",
     "torchrun --standalone --nproc_per_node 2 -m esr train configs/quickstart.yaml --out runs/two",
     "torchrun --standalone --nproc_per_node 2 -m esr train --resume runs/two",
     "accelerate launch --multi_gpu --num_processes 2 -m esr train configs/quickstart.yaml --out runs/two",

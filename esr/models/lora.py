@@ -85,3 +85,10 @@ def save_lora(model: PeftModel, folder: str | Path, state_dict: dict[str, torch.
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def merge_lora(model: PeftModel) -> PreTrainedModel:
+    """The base model with every adapter folded into its weights, W <- W + (alpha / r) B A, and the LoRA layers
+    removed: a plain transformers model whose forward equals the adapted one's (to float rounding)."""
+    with quiet_peft():
+        return model.merge_and_unload()
