@@ -52,6 +52,9 @@ EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
     "esr train configs/quickstart-xfamily.yaml": [(".yaml", f".yaml {XFAMILY_TINY} --out runs/xfamily")],
     "esr train configs/mix.yaml": [(".yaml", ".yaml 'data.mix=[{name: a}, {name: b, teacher: {name: tiny-teacher}}]' "
                                               f"{XFAMILY_TINY} --out runs/mix")],
+    "esr train configs/function-calling.yaml": [(".yaml", f".yaml student.name=tiny-qwen teacher.name=tiny-qwen "
+                                                          f"{SMOKE_TRAIN} eval.every=1 eval.limit=2 "
+                                                          f"eval.max_new_tokens=8 --out runs/function-calling")],
     "esr train configs/xfamily-gemma.yaml": Skip(
         "Gemma-3-270M (a 262k vocabulary) as the student takes minutes a step on 2 CPU cores even at 12 tokens (600 s "
         "timed out under load); the quickstart-xfamily line runs the same cross-tokenizer path, and Gemma's tokenizer "
@@ -199,6 +202,7 @@ def teacher_server(workdir: Path):
 ORDER = [  # the README's lines, in an order where each run folder exists before a line reads it
     "esr train configs/quickstart.yaml optim.extrapolate.enabled=true",
     "esr train configs/quickstart-xfamily.yaml",
+    "esr train configs/function-calling.yaml",
     "esr train configs/mix.yaml",
     "esr train configs/quickstart.yaml rollout.engine=vllm rollout.dtype=bfloat16",
     "esr eval qwen2.5-coder-0.5b-instruct --task gsm_symbolic --limit 100",

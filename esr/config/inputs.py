@@ -57,9 +57,11 @@ class TeacherConfig(ModelConfig):
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "gsm_symbolic"
-    """`gsm_symbolic` (offline generator), `gsm8k`, `math`, `jsonl` (prompt or messages rows), or `hf:<dataset>`."""
+    """`gsm_symbolic` (offline generator), `gsm8k`, `math`, `jsonl` (prompt rows, or messages rows with optional
+    tools), `glaive` (glaive-function-calling-v2 rows), `bfcl:<category>[,<category>]` (BFCL questions, rendered as
+    the `bfcl:*` evaluation renders them), or `hf:<dataset>`."""
     path: str | None = None
-    """JSONL file for `gsm8k`, `math` and `jsonl` sources."""
+    """JSONL file for `gsm8k`, `math`, `jsonl` and `glaive` sources."""
     split: str = "train"
     """Split for `hf:` sources."""
     size: int = ranged(2000, at_least(1))

@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esr.config import DataConfig
+from esr.data.chat import chat_row
+from esr.data.glaive import GLAIVE_EXPECTS, glaive_row
+from esr.data.rows import Message, ParsedRow, Tools
+from esr.data.rows import RowSkip as _Skip
 from esr.errors import EsrError
 
 log = logging.getLogger("esr.data")
 
-Messages = tuple[dict[str, str], ...]
-FILE_SOURCES = ("gsm8k", "math", "jsonl")
-SOURCES = ("gsm_symbolic", *FILE_SOURCES, "hf:<dataset>")
+Messages = tuple[Message, ...]
+FILE_SOURCES = ("gsm8k", "math", "jsonl", "glaive")
+SOURCES = ("gsm_symbolic", *FILE_SOURCES, "bfcl:<category>[,<category>]", "hf:<dataset>")
 MAX_BAD_LINES = 10
 """How many 1-based line (or row) numbers of skipped rows a PromptSet keeps, for the warning and errors."""
 
@@ -41,9 +45,14 @@ class Prompt:
     id: str
     """Stable within a source: ``<file name>:<line>``, ``gsm_symbolic:<seed>:<index>``, ``<dataset>/<split>:<row>``."""
     messages: Messages
-    """Chat messages ({"role", "content"}), an optional system message first; rendered by ``render_prompt``."""
+    """Chat messages ({"role", "content"}, an optional system message first; assistant turns may carry
+    ``tool_calls``, ``tool`` turns the results), the context the next assistant turn is sampled after; never ends
+    with an assistant turn. Rendered by ``render_prompt``."""
     answer: str | None
-    """Gold final answer ("72" for GSM8K's ``#### 72``, MATH's ``answer``), or None when unknown."""
+    """Gold final answer ("72" for GSM8K's ``#### 72``, MATH's ``answer``; a chat row's trailing assistant turn),
+    or None when unknown."""
+    tools: Tools | None = None
+    """Functions the model may call (OpenAI/HF form), rendered by the chat template's tools support; None: none."""
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,10 @@ class PromptSet:
     """How many rows were skipped for each reason, e.g. {"invalid JSON": 2, "missing field 'question'": 1}."""
 
 
-class _Skip(Exception):
-    """Raised by a row parser: the row is unusable, and the message is the reason counted for it."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Field access and per-format row parsers. A parser maps a JSON object to (messages without system, gold answer).
 
-RowParser = Callable[[Mapping[str, object], str], tuple[list[dict[str, str]], str | None]]
+RowParser = Callable[[Mapping[str, object], str], ParsedRow]
 
 
 def _text(row: Mapping[str, object], key: str) -> str:
@@ -106,12 +111,12 @@ def _gold(row: Mapping[str, object], key: str, required: bool) -> str | None:
     return str(value).strip()
 
 
-def _ask(question: str, instruction: str) -> list[dict[str, str]]:
+def _ask(question: str, instruction: str) -> list[Message]:
     content = f"{question.strip()}\n{instruction}" if instruction else question.strip()
     return [{"role": "user", "content": content}]
 
 
-def _gsm8k_row(row: Mapping[str, object], instruction: str) -> tuple[list[dict[str, str]], str | None]:
+def _gsm8k_row(row: Mapping[str, object], instruction: str) -> ParsedRow:
     """GSM8K: ``question`` + instruction; gold is the text after the last ``####`` of ``answer``, commas removed."""
     question, solution = _text(row, "question"), _text(row, "answer")
     if "####" not in solution:
@@ -119,52 +124,41 @@ def _gsm8k_row(row: Mapping[str, object], instruction: str) -> tuple[list[dict[s
     gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
     if not gold:
         raise _Skip("nothing after '####' in field 'answer'")
-    return _ask(question, instruction), gold
+    return ParsedRow(_ask(question, instruction), gold)
 
 
-def _math_row(row: Mapping[str, object], instruction: str) -> tuple[list[dict[str, str]], str | None]:
+def _math_row(row: Mapping[str, object], instruction: str) -> ParsedRow:
     """MATH / MATH-500: ``problem`` + instruction; gold is ``answer`` as written (LaTeX allowed)."""
     problem = _text(row, "problem")
-    return _ask(problem, instruction), _gold(row, "answer", required=True)
+    return ParsedRow(_ask(problem, instruction), _gold(row, "answer", required=True))
 
 
-def _gsm_symbolic_row(row: Mapping[str, object], instruction: str) -> tuple[list[dict[str, str]], str | None]:
+def _gsm_symbolic_row(row: Mapping[str, object], instruction: str) -> ParsedRow:
     """reasoning-gym ``gsm_symbolic`` item: ``question`` + instruction; gold is ``answer`` (already just the number)."""
     question = _text(row, "question")
-    return _ask(question, instruction), _gold(row, "answer", required=True)
+    return ParsedRow(_ask(question, instruction), _gold(row, "answer", required=True))
 
 
 _PROMPT_FIELDS = ("prompt", "question", "problem")
 """The string fields a generic row may hold its prompt in, in order of preference (``messages`` comes first)."""
 
 
-def _jsonl_row(row: Mapping[str, object], instruction: str) -> tuple[list[dict[str, str]], str | None]:
-    """Generic row: ``messages`` (chat list) or a string ``prompt`` / ``question`` / ``problem``, used as written;
-    optional ``answer``."""
+def _jsonl_row(row: Mapping[str, object], instruction: str) -> ParsedRow:
+    """Generic row: ``messages`` (chat list, optional ``tools``; see ``esr.data.chat``) or a string ``prompt`` /
+    ``question`` / ``problem``, used as written; optional ``answer``."""
     del instruction  # generic prompts are used exactly as the user wrote them
     if "messages" in row:
-        messages = _chat(row["messages"])
-    else:
-        field = next((key for key in _PROMPT_FIELDS if key in row), None)
-        if field is None:
-            raise _Skip(f"missing field 'prompt', 'question', 'problem' or 'messages'"
-                        f"{_near_miss(row, *_PROMPT_FIELDS, 'messages')}")
-        messages = [{"role": "user", "content": _text(row, field)}]
-    return messages, _gold(row, "answer", required=False)
+        return chat_row(row, _gold(row, "answer", required=False))
+    field = next((key for key in _PROMPT_FIELDS if key in row), None)
+    if field is None:
+        raise _Skip(f"missing field 'prompt', 'question', 'problem' or 'messages'"
+                    f"{_near_miss(row, *_PROMPT_FIELDS, 'messages')}")
+    return ParsedRow([{"role": "user", "content": _text(row, field)}], _gold(row, "answer", required=False))
 
 
-def _chat(value: object) -> list[dict[str, str]]:
-    """Validate a ``messages`` list: objects with string ``role`` and ``content``, at least one non-system turn."""
-    if not isinstance(value, list) or not value:
-        raise _Skip("field 'messages' is not a non-empty list")
-    messages = []
-    for item in value:
-        if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
-            raise _Skip("a message is not an object with string 'role' and 'content'")
-        messages.append({"role": item["role"], "content": item["content"]})
-    if not any(m["role"] != "system" and m["content"].strip() for m in messages):
-        raise _Skip("field 'messages' has no non-empty user turn")
-    return messages
+def _glaive_row(row: Mapping[str, object], instruction: str) -> ParsedRow:
+    del instruction  # glaive conversations are used as written
+    return glaive_row(row)
 
 
 @dataclass(frozen=True)
@@ -179,9 +173,10 @@ _FORMATS = {
     "math": _Format(_math_row, "JSON objects with string fields 'problem' and 'answer'"),
     "jsonl": _Format(
         _jsonl_row,
-        "JSON objects with a string 'prompt' (or 'question' / 'problem') or a list 'messages' of {role, content}, "
-        "optional 'answer'",
+        "JSON objects with a string 'prompt' (or 'question' / 'problem') or a list 'messages' of {role, content} "
+        "(optional 'tools'), optional 'answer'",
     ),
+    "glaive": _Format(_glaive_row, GLAIVE_EXPECTS),
     "gsm_symbolic": _Format(_gsm_symbolic_row, "items with string fields 'question' and 'answer'"),
 }
 
@@ -240,11 +235,11 @@ def _collect(
     for row_no, raw in rows:
         tally.n_rows += 1
         try:
-            messages, gold = parse(_as_object(raw, first=row_no == 1), cfg.instruction)
+            messages, gold, tools = parse(_as_object(raw, first=row_no == 1), cfg.instruction)
         except _Skip as skip:
             tally.skip(row_no, str(skip))
             continue
-        prompts.append(Prompt(make_id(row_no), _with_system(messages, cfg.system_prompt), gold))
+        prompts.append(Prompt(make_id(row_no), _with_system(messages, cfg.system_prompt), gold, tools))
         if cfg.limit is not None and len(prompts) >= cfg.limit:
             break
     bad = ", ".join(map(str, tally.bad_lines))
@@ -261,7 +256,7 @@ def _collect(
     return PromptSet(tuple(prompts), origin, tally.n_rows, tally.n_skipped, tuple(tally.bad_lines), tally.reasons)
 
 
-def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> Messages:
+def _with_system(messages: list[Message], system_prompt: str | None) -> Messages:
     """Put ``data.system_prompt`` first, unless the row already starts with its own system message (the row wins)."""
     if system_prompt and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system_prompt}, *messages]
@@ -317,8 +312,10 @@ def _load_gsm_symbolic(cfg: DataConfig) -> PromptSet:
 
 
 def _hf_format(columns: Iterable[str], name: str) -> str:
-    """Which row format a dataset's columns match (gsm8k, math or jsonl)."""
+    """Which row format a dataset's columns match (gsm8k, math, glaive or jsonl)."""
     cols = set(columns)
+    if {"system", "chat"} <= cols:
+        return "glaive"
     if {"question", "answer"} <= cols:
         return "gsm8k"
     if {"problem", "answer"} <= cols:
@@ -327,7 +324,7 @@ def _hf_format(columns: Iterable[str], name: str) -> str:
         return "jsonl"
     raise DataError(
         f"cannot tell the format of dataset '{name}' from its columns {sorted(cols)}: expected 'question'+'answer' "
-        f"(GSM8K), 'problem'+'answer' (MATH), or 'prompt' / 'messages' (generic)"
+        f"(GSM8K), 'problem'+'answer' (MATH), 'system'+'chat' (glaive), or 'prompt' / 'messages' (generic)"
     )
 
 
@@ -350,22 +347,46 @@ def _load_hf(cfg: DataConfig) -> PromptSet:
     return _collect(rows, fmt, cfg, f"hf:{spec}[{cfg.split}]", lambda n: f"{spec}/{cfg.split}:{n}", "rows")
 
 
+def _load_bfcl(cfg: DataConfig) -> PromptSet:
+    """The questions (never the answers) of BFCL categories ``bfcl:live_simple,live_multiple``, category by category
+    in file order, rendered exactly as ``bfcl:*`` evaluation renders them: BFCL's prompting-mode system prompt with
+    the function docs as JSON, then the question (so training moves what the evaluation measures)."""
+    from esr.data.bfcl import CATEGORIES, load_bfcl, render_tools_prompt
+
+    categories = [c.strip() for c in cfg.source.removeprefix("bfcl:").split(",") if c.strip()]
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if not categories or unknown:
+        raise DataError(f"data.source='{cfg.source}': unknown BFCL category {unknown or ['']}; "
+                        f"available: {', '.join(CATEGORIES)}")
+    try:
+        items = [item for category in categories for item in load_bfcl(category)]
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+        raise DataError(f"data.source='{cfg.source}': {e}") from e
+    rows = ((n, {"id": item.id, "messages": render_tools_prompt(item)}) for n, item in enumerate(items, start=1))
+    origin = f"bfcl:{','.join(categories)}"
+    return _collect(rows, "jsonl", cfg, origin, lambda n: f"bfcl:{items[n - 1].id}", "rows")
+
+
 def load_prompts(cfg: DataConfig) -> PromptSet:
     """Read the prompts ``cfg`` names, in source order (the trainer shuffles with its own seed).
 
-    Math sources (gsm8k, math, gsm_symbolic) get ``data.instruction`` after the question; ``jsonl`` rows are used as
-    written. ``data.system_prompt`` becomes a leading system message. Malformed rows are skipped and counted (one
-    warning on logger ``esr.data``); no usable row, a missing file or an unknown source raise ``DataError``.
+    Math sources (gsm8k, math, gsm_symbolic) get ``data.instruction`` after the question; ``jsonl``, ``glaive`` and
+    ``bfcl:`` rows are used as written (a chat row's trailing assistant turn becomes the answer, see
+    ``esr.data.chat``). ``data.system_prompt`` becomes a leading system message. Malformed rows are skipped and
+    counted (one warning on logger ``esr.data``); no usable row, a missing file or an unknown source raise
+    ``DataError``.
     """
     if cfg.limit is not None and cfg.limit < 1:
         raise DataError(f"data.limit must be at least 1 (or null for no limit), got {cfg.limit}")
     if cfg.source.startswith("hf:"):
         return _load_hf(cfg)
+    if cfg.source.startswith("bfcl:"):
+        return _load_bfcl(cfg)
     if cfg.source in FILE_SOURCES:
         return _load_file(cfg)
     if cfg.source == "gsm_symbolic":
         return _load_gsm_symbolic(cfg)
-    names = ["gsm_symbolic", *FILE_SOURCES, "hf:"]
+    names = ["gsm_symbolic", *FILE_SOURCES, "hf:", "bfcl:"]
     close = difflib.get_close_matches(cfg.source, names, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise DataError(f"unknown data.source '{cfg.source}'.{hint} Valid sources: {', '.join(SOURCES)}")

@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from esr.eval.bfcl import BfclItem, load_bfcl, render_tools_prompt
+from esr.data.bfcl import BfclItem, load_bfcl, render_tools_prompt
 
 __all__ = ["BfclItem", "Call", "CallMatch", "load_bfcl", "match_calls", "parse_calls", "render_tools_prompt"]
 

@@ -196,7 +196,7 @@ def test_unknown_source_suggests_the_closest_and_lists_all():
     with pytest.raises(DataError) as err:
         load_prompts(DataConfig(source="gsm8kk"))
     assert "unknown data.source 'gsm8kk'. Did you mean 'gsm8k'?" in str(err.value)
-    assert "gsm_symbolic, gsm8k, math, jsonl, hf:<dataset>" in str(err.value)
+    assert "gsm_symbolic, gsm8k, math, jsonl, glaive, bfcl:<category>[,<category>], hf:<dataset>" in str(err.value)
 
 
 def test_limit_below_one_is_rejected():
