@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from crash_resume import crash_and_resume, same_adapter
 from safetensors.torch import load_file
 
 import esr.train.run_step as step_module
@@ -136,24 +137,9 @@ def test_resume_with_random_n_selection_is_bit_exact(tmp_path, monkeypatch):
     whole = train(load_config(SMOKE, overrides), tmp_path / "whole", progress=False)
     assert all(r["tokens_scored"] <= 5 * 4 for r in whole.metrics)
 
-    calls = {"n": 0}
-    real = step_module.distill_micro_batch
-
-    def crash_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(step_module, "distill_micro_batch", crash_in_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(step_module, "distill_micro_batch", real)
-    resumed = resume(tmp_path / "crashed", progress=False)
+    resumed = crash_and_resume(monkeypatch, load_config(SMOKE, overrides), tmp_path / "crashed")  # inside step 3
     assert _stable(resumed.metrics) == _stable(whole.metrics)
-    a = load_file(whole.last_checkpoint / "adapter_model.safetensors")
-    b = load_file(resumed.last_checkpoint / "adapter_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_adapter(whole, resumed)
 
 
 @pytest.mark.parametrize(("select", "selection_forward"),

@@ -8,14 +8,12 @@ import json
 from collections import Counter
 
 import pytest
-import torch
+from crash_resume import crash_and_resume, same_adapter
 from rich.console import Console
-from safetensors.torch import load_file
 
-import esr.train.run_step as step_module
 from esr.config import ConfigError, from_dict, load_config, to_dict
 from esr.data.mix import mix_batch_indices
-from esr.train import resume, train
+from esr.train import train
 from esr.train.progress import summary_table
 from esr.train.run_step import _loss_pass, _sample, run_mix_step, take_rows
 from esr.train.scores import Selection
@@ -154,22 +152,9 @@ def test_a_mix_run_logs_each_source_and_resumes_bit_exactly(tmp_path, monkeypatc
     console.print(summary_table(rows, tmp_path))
     assert "mean KL of cross, first -> last 3 steps" in console.export_text()
 
-    calls, real = {"n": 0}, step_module.distill_micro_batch
-
-    def crash_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # steps 1-2 are 4 micro-batches of one row; the 5th is inside step 3
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(step_module, "distill_micro_batch", crash_in_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(step_module, "distill_micro_batch", real)
-    resumed = resume(tmp_path / "crashed", progress=False)
+    resumed = crash_and_resume(monkeypatch, load_config(SMOKE, overrides), tmp_path / "crashed")  # inside step 3
     assert _stable(resumed.metrics) == _stable(whole.metrics)
-    wa, wb = (load_file(r.last_checkpoint / "adapter_model.safetensors") for r in (whole, resumed))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert same_adapter(whole, resumed)
 
 
 def _stable(rows):

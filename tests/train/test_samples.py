@@ -5,14 +5,13 @@ import dataclasses
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from crash_resume import crash_and_resume, same_adapter
 
-import esr.train.run_step as step_module
 from esr.config import ConfigError, LossConfig, load_config
 from esr.data.order import batch_indices, step_prompts
 from esr.rollout.mixed import merge_rollouts, sample_mixed, teacher_rows
 from esr.rollout.sampler import HFSampler
-from esr.train import resume, train
+from esr.train import train
 from esr.train.run_step import _sample, run_step
 from esr.train.samples import make_teacher_sampler, teacher_rows_seed
 from esr.train.session import build_session
@@ -127,23 +126,9 @@ def test_resume_with_k_samples_and_teacher_rows_is_bit_exact(tmp_path, monkeypat
     assert 0 < sum(r["teacher_sampled"] for r in whole.metrics) < 12
     assert all(r["distinct_share"] is not None for r in whole.metrics)
 
-    calls, real = {"n": 0}, step_module.distill_micro_batch
-
-    def crash_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # two micro-batches a step: the 5th is inside step 3
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(step_module, "distill_micro_batch", crash_in_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(load_config(SMOKE, overrides), tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(step_module, "distill_micro_batch", real)
-    resumed = resume(tmp_path / "crashed", progress=False)
+    resumed = crash_and_resume(monkeypatch, load_config(SMOKE, overrides), tmp_path / "crashed")  # inside step 3
     assert _stable(resumed.metrics) == _stable(whole.metrics)
-    a = load_file(whole.last_checkpoint / "adapter_model.safetensors")
-    b = load_file(resumed.last_checkpoint / "adapter_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_adapter(whole, resumed)
 
 
 @pytest.mark.parametrize(("overrides", "needles"), [
