@@ -68,13 +68,11 @@ def run_step(s: Session, cfg: Config, step: int, samples: list[dict[str, Any]] |
     # 5. Optimizer step, unless the loss or the gradient is not finite.
     grad_norm, skipped, lr = _optimizer_step(s, cfg, loss)
 
-    lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
+    n_selected = int(selection.select_B_R.sum())
     flops_generate, flops_score, flops_train = _flops(s, batch, scores)
     return merge_metrics(StepMetrics(  # several processes: the whole batch's metrics, in every process
         step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
-        tokens_generated=int(lengths_B.sum()), tokens_scored=n_selected,
-        trained_share=n_selected / max(1, int(lengths_B.sum())), response_len_mean=float(lengths_B.float().mean()),
-        response_len_max=int(lengths_B.max()), cut_share=float(rollouts.cut_B.float().mean()),
+        **_rollout_metrics(rollouts, n_selected),
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
         seconds_train=seconds_train, seconds_align=batch.seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
@@ -83,6 +81,16 @@ def run_step(s: Session, cfg: Config, step: int, samples: list[dict[str, Any]] |
         teacher_sampled=sum(from_teacher), kl_teacher_sampled=kl_teacher, tokens_teacher_sampled=tokens_teacher,
     ))
 
+
+
+def _rollout_metrics(rollouts: Rollouts, n_selected: int) -> dict[str, Any]:
+    """The StepMetrics fields read off the step's rollouts and its ``n_selected`` selected tokens (one source or a
+    mix alike)."""
+    lengths_B = rollouts.lengths_B
+    return {"tokens_generated": int(lengths_B.sum()), "tokens_scored": n_selected,
+            "trained_share": n_selected / max(1, int(lengths_B.sum())),
+            "response_len_mean": float(lengths_B.float().mean()), "response_len_max": int(lengths_B.max()),
+            "cut_share": float(rollouts.cut_B.float().mean())}
 
 def _sample(s: Session, cfg: Config, step: int,
             horizon: int) -> tuple[range, list[int], Rollouts, float, list[bool]]:
@@ -215,14 +223,12 @@ def run_mix_step(s: Session, cfg: Config, step: int, horizon: int,
     seconds_score = sum(sc.seconds for sc in s.route.all_scorers())
     seconds_train = time.perf_counter() - t0 - seconds_score
     grad_norm, skipped, lr = _optimizer_step(s, cfg, loss)
-    lengths_B, n_selected = rollouts.lengths_B, int(selection.select_B_R.sum())
+    n_selected = int(selection.select_B_R.sum())
     flops = [sum(x) for x in zip(*(_flops(s, b, None, s.route.teacher_params[j]) for (j, _), b in
                                    zip(groups, batches, strict=True)), strict=True)]
     return merge_metrics(StepMetrics(
         step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
-        tokens_generated=int(lengths_B.sum()), tokens_scored=n_selected,
-        trained_share=n_selected / max(1, int(lengths_B.sum())), response_len_mean=float(lengths_B.float().mean()),
-        response_len_max=int(lengths_B.max()), cut_share=float(rollouts.cut_B.float().mean()),
+        **_rollout_metrics(rollouts, n_selected),
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
         seconds_train=seconds_train, seconds_align=sum(b.seconds_align for b in batches),
         peak_mem_gb=peak_memory_gb(s.device), flops_generate=flops[0], flops_score=flops[1],
