@@ -17,9 +17,9 @@ def esr_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Con
 
     The presets' tokenizers read from their GGUF files (SmolLM2's for the tiny presets, Qwen2.5's, Gemma-3's: 10 s
     to 2 min each, minutes in all) are carried over from earlier sessions: `tokenizers/<preset>-<sha256>` folders
-    are copied in from pytest's cache folder (`.pytest_cache/d/esr-tokenizers/<transformers version>/`) at the start
-    and the ones this session converted are kept there at the end. Their names hold the GGUF's pinned sha256 and
-    the store is per transformers version, so a copied folder is what this session would have converted; the
+    are copied in from pytest's cache folder (`.pytest_cache/d/esr-tokenizers/<versions>/`) at the start, and the
+    ones this session converted are kept there at the end. Their names hold the GGUF's pinned sha256 and the store
+    is per transformers and tokenizers version, so a copied folder is what this session would have converted; the
     conversion itself keeps its tests (`tests/models/test_zoo.py`, on caches of their own)."""
     root = tmp_path_factory.mktemp("esr-cache")
     store = _tokenizer_store(pytestconfig)
@@ -31,12 +31,14 @@ def esr_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Con
 
 
 def _tokenizer_store(config: pytest.Config) -> Path | None:
-    """pytest's cache folder for converted tokenizers, one sub-folder per transformers version (None when the
-    cache plugin is off: ``-p no:cacheprovider``)."""
+    """pytest's cache folder for converted tokenizers, one sub-folder per transformers and tokenizers version (they
+    convert and write them; None when the cache plugin is off: ``-p no:cacheprovider``)."""
+    import tokenizers
     import transformers
 
     cache = getattr(config, "cache", None)
-    return None if cache is None else cache.mkdir("esr-tokenizers") / f"transformers-{transformers.__version__}"
+    versions = f"transformers-{transformers.__version__}-tokenizers-{tokenizers.__version__}"
+    return None if cache is None else cache.mkdir("esr-tokenizers") / versions
 
 
 def _copy_tokenizers(src: Path | None, dst: Path | None) -> None:
