@@ -152,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from esr.config import load_config
+    if args.resume is None:
+        if args.config is None:
+            print("esr: error: give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR", file=sys.stderr)
+            return 2
+        from esr.config import load_config
+
+        # Before esr.train is imported (torch and transformers: seconds), so a config error is reported at once.
+        cfg = load_config(args.config, args.overrides)
     from esr.train import EXTENDABLE, RunStopped, resume, train
     from esr.train.distributed import is_main
     from esr.train.progress import console, summary_table
@@ -167,10 +174,6 @@ def _train(args: argparse.Namespace) -> int:
         run_dir = args.resume
         call = lambda: resume(run_dir, overrides, progress=not args.no_progress)
     else:
-        if args.config is None:
-            print("esr: error: give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR", file=sys.stderr)
-            return 2
-        cfg = load_config(args.config, args.overrides)
         from esr.train.loop import default_run_dir
 
         run_dir = args.out or default_run_dir(cfg)

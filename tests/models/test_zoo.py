@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from esr.models import load_model, zoo
 
@@ -127,3 +128,45 @@ def test_smollm2_preset_converts_once_then_loads_from_cache(
         out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text.strip(), "greedy decoding produced no text"
+
+
+@pytest.mark.zoo
+def test_a_tokenizer_read_from_a_gguf_is_cached_by_sha256_and_behaves_identically(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, needs_smollm2_package: None
+) -> None:
+    """`preset_tokenizer` reads the GGUF once into `tokenizers/<preset>-<sha256[:16]>/`; the folder's tokenizer
+    encodes, decodes and renders the chat template exactly as the one read from the GGUF, later loads never read
+    the GGUF again, and converting the model reuses it."""
+    monkeypatch.setenv("ESR_CACHE", str(tmp_path))
+    name = "smollm2-135m-instruct"
+    fresh = zoo.gguf_tokenizer(zoo._part_paths(zoo.PRESETS[name])[0])
+    first = zoo.preset_tokenizer(name)
+    folder = tmp_path / "tokenizers" / f"{name}-{zoo.PRESETS[name].sha256[:16]}"
+    assert (folder / "tokenizer.json").is_file() and _leftovers(tmp_path) == sorted(
+        str(p.relative_to(tmp_path)) for p in folder.iterdir())
+
+    def no_gguf_read(*args: object) -> None:
+        raise AssertionError("the cached tokenizer was read from the GGUF again")
+
+    monkeypatch.setattr(zoo, "gguf_tokenizer", no_gguf_read)
+    cached = zoo.preset_tokenizer(name)
+    texts = ["What is 12 * 7? Show your work.", "  leading spaces, tabs\tand\nnew lines  ", "naïve café 東京 🙂",
+             "<|im_start|>user\nhi<|im_end|>", "def f(x):\n    return x ** 2  # square"]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": texts[0]},
+            {"role": "assistant", "content": "84"}, {"role": "user", "content": texts[2]}]
+    for tok in (first, cached):
+        assert len(tok) == len(fresh) and tok.all_special_tokens == fresh.all_special_tokens
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+            fresh.bos_token_id, fresh.eos_token_id, fresh.pad_token_id)
+        assert tok.chat_template == fresh.chat_template
+        for text in texts:
+            ids = fresh(text)["input_ids"]
+            assert tok(text)["input_ids"] == ids
+            assert tok.decode(ids) == fresh.decode(ids)
+            assert tok.decode(ids, skip_special_tokens=True) == fresh.decode(ids, skip_special_tokens=True)
+        for prompt in (True, False):
+            assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt) == \
+                fresh.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+
+    folder_model = zoo.prepare(name, progress=False)  # gguf_tokenizer raises: the model's tokenizer is the cached one
+    assert AutoTokenizer.from_pretrained(folder_model)(texts[2])["input_ids"] == fresh(texts[2])["input_ids"]
