@@ -24,6 +24,7 @@ def esr_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Con
     root = tmp_path_factory.mktemp("esr-cache")
     store = _tokenizer_store(pytestconfig)
     _copy_tokenizers(store, root / "tokenizers")
+    _copy_tokenizers(_user_tokenizers(), root / "tokenizers")  # a clean clone (CI) has no .pytest_cache yet
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ESR_CACHE", str(root))
         yield root
@@ -39,6 +40,14 @@ def _tokenizer_store(config: pytest.Config) -> Path | None:
     cache = getattr(config, "cache", None)
     versions = f"transformers-{transformers.__version__}-tokenizers-{tokenizers.__version__}"
     return None if cache is None else cache.mkdir("esr-tokenizers") / versions
+
+
+def _user_tokenizers() -> Path | None:
+    """The kept tokenizers of the cache the session started with (``$ESR_CACHE``, else ``~/.cache/esr``), read
+    only: the zoo names them ``<preset>-<sha256[:16]>`` of the pinned GGUF, so a folder there is the one this
+    session would convert. CI runs on a clean clone, where pytest's own cache folder starts empty."""
+    folder = Path(os.environ.get("ESR_CACHE") or Path.home() / ".cache" / "esr") / "tokenizers"
+    return folder if folder.is_dir() else None
 
 
 def _copy_tokenizers(src: Path | None, dst: Path | None) -> None:
