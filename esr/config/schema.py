@@ -183,7 +183,8 @@ class EvalConfig:
     metric: str = "accuracy"
     """Summary key that picks the best checkpoint (higher is better), e.g. `accuracy`, `pass@4`, `maj@4`."""
     collapse_drop: float = ranged(0.3, PROBABILITY)
-    """Warn of collapse when the metric falls below (1 - collapse_drop) x its best so far."""
+    """Warn of collapse when the metric falls below (1 - collapse_drop) x its first evaluation's value (and by more
+    than 3 standard errors), or when the guard's eval shares rise (train.guard.eval_*)."""
 
 
 @dataclass(frozen=True)
