@@ -10,7 +10,8 @@ the last ``window`` rows after them:
     shares   cut_share, repeated_4gram_share, multi_box_share:   mean(recent) - mean(baseline) > share_rise
     length   response_len_mean / horizon:                       mean(recent) > (1 + length_rise) mean(baseline)
     spikes   loss, grad_norm of the last step x, baseline median m, MAD d:
-             x > m + spike_z * max(1.4826 d, 0.05 |m|, min_abs)   and   x > spike_ratio * max(m, min_abs)
+             x > m + spike_z * max(1.4826 d, 0.05 |m|, min_abs)   and   x > spike_ratio * max(m, min_abs),
+             and the same against the ``window`` steps before it (a slow drift is not a spike)
     probe    probe_kl (rows that have one): x > (1 + probe_kl_rise) * the first probe's value
 
 Eval signals, over eval/history.jsonl rows; baseline: the mean of the first ``baseline_evals`` rows, b:
@@ -69,10 +70,11 @@ def step_trips(rows: list[dict[str, Any]], g: GuardConfig) -> list[Trip]:
     b, r = _relative_lengths(base), _relative_lengths(recent)
     if b and r and _mean(r) > (1 + g.length_rise) * _mean(b):
         trips.append(Trip(step, "response_length", _mean(r), _mean(b), (1 + g.length_rise) * _mean(b)))
+    previous = ok[:-1][-g.window:]  # a spike is sudden: past both the baseline and the steps just before it
     for key in SPIKES:
-        trip = _spike(step, key, _values(base, key), rows[-1].get(key), g)
-        if trip is not None:
-            trips.append(trip)
+        spikes = [_spike(step, key, _values(b, key), rows[-1].get(key), g) for b in (base, previous)]
+        if all(spikes):
+            trips.append(max(spikes, key=lambda t: t.threshold))
     probes = _values(ok, "probe_kl")
     last_probe = rows[-1].get("probe_kl")
     if len(probes) >= 2 and last_probe is not None and last_probe > (1 + g.probe_kl_rise) * probes[0]:
