@@ -42,6 +42,9 @@ class GuardConfig:
     """... and is at least spike_ratio x the baseline median (both must hold)."""
     probe_kl_rise: float = ranged(0.5, POSITIVE)
     """Held-out probe KL (`probe_kl` of the auto horizon's probe steps): trip above (1 + rise) x its baseline median."""
+    eval_at_start: bool = False
+    """With eval.every > 0: also evaluate the starting weights (eval/step-000000) as the eval signals' baseline, as
+    the studies do; else the baseline is the first evaluation during training (after eval.every steps)."""
     baseline_evals: int = ranged(1, at_least(1))
     """Evaluations forming the eval signals' baseline (eval.every > 0)."""
     eval_drop: float = ranged(0.3, PROBABILITY)

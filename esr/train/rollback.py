@@ -77,9 +77,14 @@ class Guard:
 
     def start(self, step: int) -> None:
         """Before the first step of a session (``rollback``): keep the starting weights in guard/checkpoints when no
-        checkpoint of the run holds them, so a trip always has a checkpoint to go back to."""
-        if self.g.policy == "rollback" and not any(self._step_of(p) == step for p in self._candidates()):
-            self.save(step, self.folder, 0)
+        checkpoint of the run holds them, so a trip always has a checkpoint to go back to. ``eval_at_start``:
+        evaluate them first (step 0), once per run."""
+        at_start = self.on and self.g.eval_at_start and self.evals.task is not None and step == 0
+        kept = [p for p in self._candidates() if self._step_of(p) == step]
+        if (self.g.policy == "rollback" or at_start) and not kept:
+            kept = [self.save(step, self.folder, 0)]
+        if at_start and not any(r["step"] == 0 for r in self.evals.history()):
+            main_only(self.evals.run, 0, self.s.student, self.s.tokenizer, kept[0])
 
     def check_step(self, step: int, bar: Any) -> None:
         """After step ``step`` was logged: its step signals (may roll back: ``GuardRollback``)."""

@@ -63,9 +63,12 @@ def test_warn_only_warns_and_a_healthy_run_never_trips(tmp_path: Path) -> None:
     assert len(result.metrics) == 3 and {e["action"] for e in _events(tmp_path / "warn")} == {"warn"}
     assert not (tmp_path / "warn" / "guard" / "checkpoints").exists()  # warn keeps no starting copy
     healthy = load_config("configs/smoke.yaml", ["train.steps=4", "train.guard.baseline_steps=1",
-                                                 "train.guard.window=1"])
+                                                 "train.guard.window=1", "eval.every=4", "eval.limit=2",
+                                                 "eval.max_new_tokens=8", "train.guard.eval_at_start=true"])
     train(healthy, tmp_path / "healthy", progress=False)
     assert not (tmp_path / "healthy" / "guard" / "events.jsonl").exists()
+    history = [json.loads(line) for line in (tmp_path / "healthy" / "eval" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [0, 4]  # eval_at_start: the starting weights are the eval baseline
 
 
 def test_resume_after_a_rollback_is_exact(stopped: tuple[Path, GuardStopError], tmp_path: Path) -> None:
