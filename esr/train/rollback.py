@@ -14,11 +14,13 @@ the progress line. Policy ``warn``: that and a warning. Policy ``rollback``:
    ``guard``; the scheduler's base rate), so ``esr train --resume`` after a rollback goes on exactly as the run did;
 5. the loop starts again after it (``GuardRollback``, caught in esr/train/loop.py).
 
-At the ``max_trips``-th trip the run stops instead with ``GuardStopError`` (its checkpoints kept).
+At the ``max_trips``-th trip the run stops instead with ``GuardStopError`` (its checkpoints kept). With several
+processes (torchrun, FSDP) ``rollback`` acts as ``warn``: only rank 0 keeps the logs the detector reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -30,7 +32,7 @@ from esr.config import Config
 from esr.errors import EsrError
 from esr.models.checkpoints import TRAINER_STATE_JSON, list_checkpoints, trainer_files
 from esr.train.checkpoint import load_checkpoint
-from esr.train.distributed import main_only
+from esr.train.distributed import main_only, world_size
 from esr.train.guard import Trip, eval_trips, step_trips
 from esr.train.metrics import append_jsonl, truncate_jsonl
 
@@ -62,6 +64,9 @@ class Guard:
         self.cfg, self.g, self.run_dir = cfg, cfg.train.guard, run_dir
         self.s, self.extrapolator, self.log, self.evals, self.save = session, extrapolator, metrics_log, evals, save
         self.folder = run_dir / GUARD
+        if self.g.policy == "rollback" and world_size() > 1:  # only rank 0 keeps the logs the detector reads
+            self.g = dataclasses.replace(self.g, policy="warn")
+            log.info("train.guard.policy=rollback runs in one process only; with %d processes it warns", world_size())
         self.trips, self.lr_scale = 0, 1.0
         if checkpoint is not None:  # a resume: the trips and the rate scale as that checkpoint had them
             state = json.loads((trainer_files(checkpoint) / TRAINER_STATE_JSON).read_text()).get(GUARD) or {}
