@@ -106,7 +106,11 @@ class Guard:
         if not trips:
             return
         step, what = trips[0].step, "; ".join(t.describe() for t in trips)
-        if self.g.policy == "warn":
+        if self.g.policy == "warn":  # each signal warns once (its first trip), not at every step after it
+            trips = [t for t in trips if t.signal not in self._warned()]
+            if not trips:
+                return
+            what = "; ".join(t.describe() for t in trips)
             self._record(trips, "warn")
             bar.note(f"guard step {step}: {what} (policy warn: going on)")
             log.warning("collapse guard tripped at step %d: %s", step, what)
@@ -153,6 +157,13 @@ class Guard:
         for t in trips:
             main_only(append_jsonl, self.folder / "events.jsonl", {**t.as_row(action), "trip": self.trips + 1,
                                                                     "lr_scale": self.lr_scale})
+
+    def _warned(self) -> set[str]:
+        """The signals that already warned (events.jsonl, which outlives a resume)."""
+        path = self.folder / "events.jsonl"
+        if not path.is_file():
+            return set()
+        return {json.loads(line)["signal"] for line in path.read_text().splitlines() if line.strip()}
 
     def _candidates(self) -> list[Path]:
         return [*list_checkpoints(self.run_dir), *list_checkpoints(self.folder)]

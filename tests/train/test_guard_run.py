@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from esr.config import load_config
+from esr.report.build import write_report
 from esr.train import resume, train
 from esr.train.rollback import GuardStopError
 
@@ -83,3 +84,10 @@ def test_resume_after_a_rollback_is_exact(stopped: tuple[Path, GuardStopError], 
     after = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     keys = ("step", "loss", "kl", "grad_norm", "lr", "tokens_generated", "repeated_4gram_share")
     assert [[m[k] for k in keys] for m in after] == [[m[k] for k in keys] for m in before]
+
+
+def test_report_lists_the_guard_events(stopped: tuple[Path, GuardStopError], tmp_path: Path) -> None:
+    run, _ = stopped
+    _, md = write_report([run], tmp_path / "report.html")
+    text = md.read_text()
+    assert "## Collapse guard" in text and "rollback" in text and "stop" in text
