@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from esr.config.checks import ConfigError, check_engines, check_loss, check_mix, check_remote_teacher, check_samples
+from esr.config.guard import GuardConfig, GuardPolicy
 from esr.config.inputs import DataConfig, MixSource, ModelConfig, TeacherConfig, TeacherEngine
 from esr.config.log import LogConfig, Tracker
 from esr.config.ranges import NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Range, at_least, between, check_ranges, ranged
 from esr.config.rollout import Horizon, RolloutConfig, RolloutDType, RolloutEngine, VllmConfig
 
-__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "Horizon", "LogConfig",
-           "LoraConfig", "LossConfig", "MixSource", "ModelConfig", "OptimConfig", "RolloutConfig", "RolloutDType",
-           "RolloutEngine", "Select", "TeacherConfig", "TeacherEngine", "Tracker", "TrainConfig", "VllmConfig"]
+__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "ExtrapolateConfig", "GuardConfig", "GuardPolicy",
+           "Horizon", "LogConfig", "LoraConfig", "LossConfig", "MixSource", "ModelConfig", "OptimConfig",
+           "RolloutConfig", "RolloutDType", "RolloutEngine", "Select", "TeacherConfig", "TeacherEngine", "Tracker",
+           "TrainConfig", "VllmConfig"]
 
 LossKind = Literal["reverse_kl", "forward_kl", "jsd", "sampled", "topk"]
 CrossTokenizer = Literal["aligned-exact", "span-sampled"]
@@ -117,6 +119,9 @@ class TrainConfig:
     fsdp: bool = False
     """Several processes (torchrun, accelerate launch): shard the decoder layers of the student and the teacher
     over them (FSDP2, esr/train/fsdp.py) instead of each process holding both models whole."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """The collapse guard (esr/train/guard.py): label-free signals against their early baselines; on a trip, roll
+    back to the last checkpoint before it with a lower learning rate (`rollback`), or only warn."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,8 @@ class EvalConfig:
     metric: str = "accuracy"
     """Summary key that picks the best checkpoint (higher is better), e.g. `accuracy`, `pass@4`, `maj@4`."""
     collapse_drop: float = ranged(0.3, PROBABILITY)
-    """Warn of collapse when the metric falls below (1 - collapse_drop) x its best so far."""
+    """Warn of collapse when the metric falls below (1 - collapse_drop) x its first evaluation's value (and by more
+    than 3 standard errors), or when the guard's eval shares rise (train.guard.eval_*)."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def build_document(runs: Sequence[RunData], extra: Sequence[analysis.AnalysisIte
     if not plots.available():
         doc.add(Text("Plots are left out: matplotlib is not installed (pip install matplotlib).", tone="warn"))
     for section in (runs_section, curves_section, eval_section, time_section, compute_section,
-                    extrapolation_section):
+                    extrapolation_section, guard_section):
         section(doc, runs)
     analyses_section(doc, runs, extra)
     return doc
@@ -201,6 +201,22 @@ def extrapolation_section(doc: Document, runs: Sequence[RunData]) -> None:
                            "seconds"], rows=rows))
     doc.add(Text("probe: mean reverse KL on fixed held-out rollouts (or minus eval.metric with "
                  "optim.extrapolate.probe=eval); lower is better", tone="muted"))
+
+
+def guard_section(doc: Document, runs: Sequence[RunData]) -> None:
+    """(5c) The collapse guard: one row per tripped signal of each run that had one (absent otherwise)."""
+    runs = [r for r in runs if r.guard]
+    if not runs:
+        return
+    doc.add(Heading(2, "Collapse guard"))
+    rows = [[r.name, num(e["step"]), str(e.get("signal", "?")), num(e.get("value")), num(e.get("baseline")),
+             num(e.get("threshold")), str(e.get("action", "?")), num(e.get("lr_scale"))]
+            for r in runs for e in r.guard]
+    doc.add(Table(columns=["run", "step", "signal", "value", "baseline", "threshold", "action", "lr scale before"],
+                  rows=rows))
+    doc.add(Text("train.guard: each signal against its own early baseline (esr/train/guard.py); rollback: the run "
+                 "went back to its last checkpoint before that step with the learning rate x train.guard.lr_factor; "
+                 "the steps it left are in guard/rolled-back-metrics.jsonl", tone="muted"))
 
 
 def _int(x: float | None) -> int | None:

@@ -326,7 +326,7 @@ def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 SUMMED = ("loss", "tokens_generated", "tokens_scored", "teacher_sampled")
-ROW_MEAN = ("response_len_mean", "cut_share")
+ROW_MEAN = ("response_len_mean", "cut_share", "repeated_4gram_share", "multi_box_share")
 LARGEST = ("response_len_max", "peak_mem_gb")
 
 

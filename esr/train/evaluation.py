@@ -3,8 +3,8 @@
 Each evaluation writes ``eval/step-NNNNNN/{samples.jsonl,summary.json}`` and appends one line to
 ``eval/history.jsonl``; ``eval/best.json`` names the step (and its checkpoint) with the highest metric so far.
 An evaluation step always has a checkpoint, so the best one can be loaded. A collapse warning is logged (and
-recorded in the history line) when the metric falls below ``(1 - eval.collapse_drop)`` x its best, or when the
-repetition signals (share of responses with several boxes, repeated 4-gram share) reach twice their first value.
+recorded in the history line) when the collapse guard's eval signals trip against the first evaluation
+(``PeriodicEval._collapse``; thresholds in ``train.guard``), whatever ``train.guard.policy``.
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from typing import Any
 from esr.config import Config, ConfigError
 from esr.eval.runner import evaluate
 from esr.eval.tasks import make_task
+from esr.train.guard import eval_trips
 
 log = logging.getLogger("esr.train")
-
-REPETITION_KEYS = ("multi_box_share", "repeated_4gram_share")
-
 
 class PeriodicEval:
     """Runs the held-out evaluation at its steps and keeps ``eval/history.jsonl`` and ``eval/best.json``."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
-        self.cfg, self.folder = cfg.eval, run_dir / "eval"
+        self.cfg, self.folder, self.guard = cfg.eval, run_dir / "eval", cfg.train.guard
         self.task = make_task(cfg.eval.task, path=cfg.eval.path) if cfg.eval.every else None
         self.history_path = self.folder / "history.jsonl"
 
@@ -89,18 +87,16 @@ class PeriodicEval:
         tmp.replace(path)
 
     def _collapse(self, row: dict[str, Any], previous: list[dict[str, Any]]) -> str | None:
+        """A warning when this evaluation's signals trip against the first evaluation (``esr.train.guard.eval_trips``
+        with ``eval.collapse_drop``): the metric fell by more than collapse_drop x its first value and 3 standard
+        errors, or the cut, repeated 4-gram or several-boxes share rose. Against the first value, not the best: a
+        metric that starts at 0 cannot fall, and the label-free shares still see a collapse."""
         if not previous:
             return None
-        metric, best = self.cfg.metric, max(r[self.cfg.metric] for r in previous)
-        reasons = []
-        if best > 0 and row[metric] < (1 - self.cfg.collapse_drop) * best:
-            reasons.append(f"{metric} {row[metric]:.3f} is far below its best {best:.3f}")
-        for key in REPETITION_KEYS:
-            first = previous[0].get(key)
-            if first is not None and row.get(key, 0) >= max(2 * first, 0.05):
-                reasons.append(f"{key} rose from {first:.3f} to {row[key]:.3f}")
-        if not reasons:
+        history = [previous[0], row]
+        trips = eval_trips(history, self.cfg.metric, self.cfg.limit * self.cfg.n, self.guard, self.cfg.collapse_drop)
+        if not trips:
             return None
-        message = f"possible collapse at step {row['step']}: " + "; ".join(reasons)
+        message = f"possible collapse at step {row['step']}: " + "; ".join(t.describe() for t in trips)
         log.warning(message)
         return message

@@ -42,6 +42,7 @@ from esr.train.extend import EXTENSIONS, extend_run, extensions, started_config
 from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
 from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, truncate_jsonl
 from esr.train.progress import RunProgress
+from esr.train.rollback import Guard, GuardRollback
 from esr.train.run_folder import RunFolderError, check_new_run_folder
 from esr.train.run_step import run_step
 from esr.train.session import Session, build_session
@@ -108,8 +109,15 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     status = "failed"  # how the trackers' run ends: finished, stopped (graceful stop; resumable) or failed
     try:
         s, start, ckpt, nonfinite_in_a_row = _restore(s, cfg, run_dir, resume, extrapolator, log, evals, events_path)
-        ckpt = _steps(s, cfg, run_dir, start, ckpt, nonfinite_in_a_row, extrapolator, log, evals, events_path,
-                      progress)
+        guard = Guard(cfg, run_dir, s, extrapolator, log, evals, lambda step, folder, nonfinite: _checkpoint(
+            s, cfg, folder, step, nonfinite, extrapolator, guard), ckpt)  # the collapse guard (esr/train/rollback.py)
+        while True:
+            try:
+                ckpt = _steps(s, cfg, run_dir, start, ckpt, nonfinite_in_a_row, extrapolator, log, evals,
+                              events_path, progress, guard)
+                break
+            except GuardRollback as back:  # the guard restored an earlier checkpoint: go on after it
+                start, ckpt, nonfinite_in_a_row = back.step, back.checkpoint, back.nonfinite_in_a_row
         status = "finished"
     except RunStopped:
         status = "stopped"
@@ -124,11 +132,12 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
 
 def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None, nonfinite_in_a_row: int,
            extrapolator: Extrapolator | None, log: MetricsLog, evals: PeriodicEval, events_path: Path,
-           progress: bool) -> Path | None:
+           progress: bool, guard: Guard) -> Path | None:
     """Steps ``start`` .. ``train.steps``: step, log, checkpoint, evaluate. Returns the last checkpoint. After the
     first Ctrl-C or SIGTERM, the step under way finishes (its extrapolation, log, checkpoint and evaluation too), is
     checkpointed if it was not, and ``RunStopped`` ends the run; a second signal stops at once."""
     bar = RunProgress(cfg.train.steps, start, enabled=progress and is_main())
+    guard.start(start)  # policy rollback: the starting weights kept, so a trip has a checkpoint to go back to
     with StopRequests() as stop:  # the first SIGINT / SIGTERM sets stop.signum (esr/train/stopping.py)
         for step in range(start, cfg.train.steps):
             with (_explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar),
@@ -144,6 +153,7 @@ def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None
             if samples:
                 log.table(step + 1, samples)
             bar.update(metrics)
+            guard.check_step(step + 1, bar)  # a trip logs an event; policy rollback raises GuardRollback
             if nonfinite_in_a_row >= cfg.train.max_nonfinite:
                 bar.close()
                 raise NonFiniteLossError(
@@ -153,16 +163,17 @@ def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None
             # An evaluation step always gets a checkpoint, so the best one by eval.metric can be loaded.
             due = (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps or evals.due(step + 1)
             if due:
-                ckpt = _checkpoint(s, cfg, run_dir, step + 1, nonfinite_in_a_row, extrapolator)
+                ckpt = _checkpoint(s, cfg, run_dir, step + 1, nonfinite_in_a_row, extrapolator, guard)
             if evals.due(step + 1):
                 row = main_only(evals.run, step + 1, s.student, s.tokenizer, ckpt)
                 log.scalars("eval", step + 1, row)
                 bar.note(f"eval step {step + 1}: {cfg.eval.metric} {row[cfg.eval.metric]:.3f}")
+                guard.check_eval(step + 1, bar)
             # A stop asked for during this step (in any process): checkpoint it if the cadence did not, and end here.
             signum = largest(stop.signum or 0)
             if signum and step + 1 < cfg.train.steps:
                 if not due:
-                    ckpt = _checkpoint(s, cfg, run_dir, step + 1, nonfinite_in_a_row, extrapolator)
+                    ckpt = _checkpoint(s, cfg, run_dir, step + 1, nonfinite_in_a_row, extrapolator, guard)
                 bar.close()
                 raise RunStopped(signum, step + 1, run_dir, ckpt)
     bar.close()
@@ -170,11 +181,11 @@ def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None
 
 
 def _checkpoint(s: Session, cfg: Config, run_dir: Path, step: int, nonfinite_in_a_row: int,
-                extrapolator: Extrapolator | None) -> Path:
+                extrapolator: Extrapolator | None, guard: Guard) -> Path:
     """Write the checkpoint of ``step`` (rank 0; with FSDP every process first gathers its shards)."""
     full = _gather_sharded(s, cfg) if cfg.train.fsdp else None  # every process takes part
     return main_only(save_checkpoint, run_dir, step, s.student, s.tokenizer, s.optimizer, s.scheduler, cfg,
-                     {"nonfinite_in_a_row": nonfinite_in_a_row}, extrapolator, full)
+                     {"nonfinite_in_a_row": nonfinite_in_a_row, "guard": guard.state()}, extrapolator, full)
 
 
 def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator: Extrapolator | None,

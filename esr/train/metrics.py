@@ -81,6 +81,11 @@ class StepMetrics:
     off-policy); `kl` is over all sequences. None without teacher-sampled sequences."""
     tokens_teacher_sampled: int = 0
     """Selected tokens of the teacher-sampled sequences (included in tokens_scored)."""
+    repeated_4gram_share: float | None = None
+    """Mean over the step's responses of the share of their token 4-grams that repeat an earlier one (a collapse
+    guard signal, esr/train/guard.py)."""
+    multi_box_share: float | None = None
+    """Share of the step's responses with several \\boxed answers (a collapse guard signal)."""
     by_source: dict[str, dict[str, float]] | None = None
     """With ``data.mix``: per source (its name), scored by its own teacher: ``kl`` (as ``kl``, over its rows),
     ``tokens_scored``, ``rows``, ``seconds_score`` (its teacher) and ``seconds`` (its scoring, loss and backward).

@@ -17,6 +17,7 @@ import torch
 
 from esr.config import Config
 from esr.data.order import step_prompts
+from esr.eval.math_answer import count_boxed, repeated_ngram_share
 from esr.losses import needed_scores
 from esr.rollout.mixed import sample_mixed, teacher_rows
 from esr.teacher.scorer import TeacherBatch, TeacherScorer
@@ -72,7 +73,7 @@ def run_step(s: Session, cfg: Config, step: int, samples: list[dict[str, Any]] |
     flops_generate, flops_score, flops_train = _flops(s, batch, scores)
     return merge_metrics(StepMetrics(  # several processes: the whole batch's metrics, in every process
         step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
-        **_rollout_metrics(rollouts, n_selected),
+        **_rollout_metrics(rollouts, n_selected, s.tokenizer),
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
         seconds_train=seconds_train, seconds_align=batch.seconds_align, peak_mem_gb=peak_memory_gb(s.device),
         flops_generate=flops_generate, flops_score=flops_score, flops_train=flops_train, skipped=skipped,
@@ -83,14 +84,20 @@ def run_step(s: Session, cfg: Config, step: int, samples: list[dict[str, Any]] |
 
 
 
-def _rollout_metrics(rollouts: Rollouts, n_selected: int) -> dict[str, Any]:
+def _rollout_metrics(rollouts: Rollouts, n_selected: int, tokenizer: Any) -> dict[str, Any]:
     """The StepMetrics fields read off the step's rollouts and its ``n_selected`` selected tokens (one source or a
-    mix alike)."""
+    mix alike), with the collapse guard's repetition signals (esr/train/guard.py): the mean repeated 4-gram share of
+    the responses' token ids, and the share of responses with several ``\\boxed``."""
     lengths_B = rollouts.lengths_B
+    responses = [ids[mask].tolist() for ids, mask in zip(rollouts.response_ids_B_R, rollouts.response_mask_B_R,
+                                                         strict=True)]
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return {"tokens_generated": int(lengths_B.sum()), "tokens_scored": n_selected,
             "trained_share": n_selected / max(1, int(lengths_B.sum())),
             "response_len_mean": float(lengths_B.float().mean()), "response_len_max": int(lengths_B.max()),
-            "cut_share": float(rollouts.cut_B.float().mean())}
+            "cut_share": float(rollouts.cut_B.float().mean()),
+            "repeated_4gram_share": sum(map(repeated_ngram_share, responses)) / max(1, len(responses)),
+            "multi_box_share": sum(count_boxed(t) > 1 for t in texts) / max(1, len(texts))}
 
 def _sample(s: Session, cfg: Config, step: int,
             horizon: int) -> tuple[range, list[int], Rollouts, float, list[bool]]:
@@ -228,7 +235,7 @@ def run_mix_step(s: Session, cfg: Config, step: int, horizon: int,
                                    zip(groups, batches, strict=True)), strict=True)]
     return merge_metrics(StepMetrics(
         step=step + 1, loss=loss, kl=kl_sum / max(1, n_selected), horizon=horizon,
-        **_rollout_metrics(rollouts, n_selected),
+        **_rollout_metrics(rollouts, n_selected, s.tokenizer),
         grad_norm=grad_norm, lr=lr, seconds_generate=seconds_generate, seconds_score=seconds_score,
         seconds_train=seconds_train, seconds_align=sum(b.seconds_align for b in batches),
         peak_mem_gb=peak_memory_gb(s.device), flops_generate=flops[0], flops_score=flops[1],
