@@ -7,8 +7,8 @@ alive at t (t <= its length, EOS included):
     M(t)  = sum_b KL_t(b)                                 the KL mass at t (what a full-rollout OPD loss sums)
     C(t)  = sum_{u<=t} M(u) / sum_u M(u)
     N*    = min { t : C(t) >= share }                     (none when the KL is 0 everywhere)
-    N     = clamp(N*, n_min, n_max)
-    N     = clamp(N, ceil(N_prev / 2), 2 * N_prev)        (with a previous N: at most halve or double per update)
+    N     = clamp(N*, ceil(N_prev / 2), 2 * N_prev)       (with a previous N: at most halve or double per update)
+    N     = clamp(N, n_min, n_max)                        (the bounds are hard: they win over the step limit)
 
 The policy keeps a running profile P over the probes (``esr/train/horizon_probe.py``), each probe's mass divided by
 its rollouts, m_k(t) = M_k(t) / R, so the profile does not depend on how many rollouts a probe has:
@@ -53,16 +53,15 @@ def recommend_n(cumulative_T: Sequence[float] | np.ndarray, share: float) -> int
 
 def horizon_rule(mass_T: Sequence[float] | np.ndarray, share: float, *, n_min: int = 1, n_max: int | None = None,
                  previous: int | None = None) -> int | None:
-    """The token-mass rule (module docstring) on the per-position KL mass ``mass_T``: N* clamped to [n_min, n_max]
-    and, given ``previous``, to [ceil(previous / 2), 2 * previous]. None when the mass is 0 everywhere and there is
-    no previous N to keep."""
+    """The token-mass rule (module docstring) on the per-position KL mass ``mass_T``: N*, given ``previous``
+    clamped to [ceil(previous / 2), 2 * previous], then to [n_min, n_max]. None when the mass is 0 everywhere and
+    there is no previous N to keep."""
     n = recommend_n(cumulative_share(mass_T), share)
     if n is None:
         return previous
-    n = max(n_min, n if n_max is None else min(n_max, n))
     if previous is not None:
         n = min(2 * previous, max(math.ceil(previous / 2), n))
-    return n
+    return max(n_min, n if n_max is None else min(n_max, n))
 
 
 def running_profile(profile_T: Sequence[float] | np.ndarray | None, mass_T: Sequence[float] | np.ndarray,
