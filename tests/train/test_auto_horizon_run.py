@@ -9,6 +9,7 @@ from crash_resume import crash_and_resume, same_adapter
 from rich.console import Console
 
 from esr.config import load_config
+from esr.report import write_report
 from esr.rollout.auto_horizon import horizon_rule
 from esr.train import train
 from esr.train.progress import summary_table
@@ -67,3 +68,14 @@ def test_auto_across_tokenizers(tmp_path):
                               "train.steps=1"])
     rows = train(cfg, tmp_path / "cross", progress=False).metrics
     assert rows[0]["horizon"] == 8 and np.isfinite(rows[0]["probe_kl"]) and rows[0]["probe_kl"] > 0
+
+
+def test_the_report_shows_n_over_time_and_the_auto_probes(whole, tmp_path):
+    _, md_path = write_report([whole.run_dir], tmp_path / "report.md")
+    md = md_path.read_text()
+    section = md[md.index("## Horizon N"):]
+    assert "horizon.png" in section and "auto-profile.png" in section
+    n = [json.loads(line)["n"] for line in (whole.run_dir / "auto" / "profile.jsonl").read_text().splitlines()]
+    assert f"| 1 | 4 → {n[0]} |" in section and f"| 3 | {n[1]} → {n[2]} |" in section  # before step, N moved
+    assert "auto (from N=4" in md  # the runs table names the horizon
+    assert (md_path.parent / "report_files" / "auto-profile.png").read_bytes()[:4] == b"\x89PNG"
