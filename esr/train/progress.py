@@ -96,11 +96,13 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
 def compute_summary(metrics: list[dict[str, Any]]) -> str | None:
     """Total approximate FLOPs of the run and each phase's share, e.g. "1.2e+15 FLOPs (gen 10%, score 30%, train
     60%)"; None when no line has them (runs logged before esr counted FLOPs)."""
-    phases = (("gen", "generate"), ("score", "score"), ("train", "train"), ("extrapolate", "extrapolate"))
+    phases = (("gen", "generate"), ("score", "score"), ("train", "train"), ("extrapolate", "extrapolate"),
+              ("probe", "probe"))
     totals = {phase: sum(m.get(f"flops_{phase}", 0.0) for m in metrics) for _, phase in phases}
+    totals["probe"] = sum(m.get("probe_flops", 0.0) for m in metrics)  # rollout.horizon=auto's probes
     total = sum(totals.values())
     if total <= 0:
         return None
     shares = ", ".join(f"{name} {100 * totals[phase] / total:.0f}%" for name, phase in phases
-                       if phase != "extrapolate" or totals[phase] > 0)
+                       if phase not in ("extrapolate", "probe") or totals[phase] > 0)
     return f"{total:.1e} FLOPs ({shares})"

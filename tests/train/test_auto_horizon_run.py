@@ -2,6 +2,7 @@
 matches the rule, a crashed run resumes bit-exactly (profile included), and a cross-tokenizer teacher works."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,6 +53,7 @@ def test_auto_moves_n_by_the_probes_and_logs_them(whole):
     console.print(summary_table(rows, whole.run_dir))
     text = console.export_text()
     assert "horizon N: first -> last" in text and "auto-horizon probes" in text
+    assert re.search(r"train \d+%, probe \d+%\)", text)  # the probes' FLOPs in the compute row
 
 
 def test_an_auto_run_resumes_bit_exactly(whole, tmp_path, monkeypatch):
