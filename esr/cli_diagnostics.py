@@ -84,8 +84,9 @@ def run_probe(args: argparse.Namespace) -> int:
                                 share=args.share, bucket=args.bucket, progress=progress)
         summary = json.loads((args.out / "kl_profile.json").read_text())  # what write_profile derived, read back
         top = next(t for t in summary["top_k_kl_share"] if t["k"] == 100)
-        print(f"recommended N = {result.recommended_n} (cumulative KL reaches {args.share:.0%}; token-mass rule: N = "
-              f"{summary['recommended_n_mass']}); the 100 highest-KL tokens of a rollout hold "
+        print(f"recommended N = {result.recommended_n} ({summary['rule']} rule, as rollout.horizon=auto: the KL summed "
+              f"over the rollouts alive at each position reaches {args.share:.0%} of its total; position-weighted: "
+              f"N = {summary['recommended_n_position']}); the 100 highest-KL tokens of a rollout hold "
               f"{top['mean']:.0%} of its KL ({top['tokens']:.0%} of its tokens); results in {args.out}")
         return 0
     from esr.analysis.decay import run_decay

@@ -23,7 +23,8 @@ def test_probe_kl_profile_and_decay(tmp_path, capsys):
     assert main(["probe", "kl-profile", SMOKE, "--rollouts", "2", "--max-new-tokens", "8", "--out", str(out),
                  "--no-progress"]) == 0
     out_text = capsys.readouterr().out
-    assert "recommended N =" in out_text and "token-mass rule: N =" in out_text
+    assert "recommended N =" in out_text and "(token-mass rule, as rollout.horizon=auto" in out_text
+    assert "position-weighted: N =" in out_text
     assert "highest-KL tokens of a rollout hold" in out_text
     assert (out / "kl_profile.json").is_file() and (out / "kl_profile.png").is_file()
     out = tmp_path / "decay"

@@ -55,6 +55,9 @@ EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
     "esr train configs/function-calling.yaml": [(".yaml", f".yaml student.name=tiny-qwen teacher.name=tiny-qwen "
                                                           f"{SMOKE_TRAIN} eval.every=1 eval.limit=2 "
                                                           f"eval.max_new_tokens=8 --out runs/function-calling")],
+    "esr train configs/quickstart.yaml rollout.horizon=auto": Skip(
+        "tests/train/test_auto_horizon_run.py trains rollout.horizon=auto on the smoke models (probes every step, "
+        "cross-tokenizer too), resumes it bit-exactly and reports it; another trained run here would add ~40 s"),
     "esr train configs/xfamily-gemma.yaml": Skip(
         "Gemma-3-270M (a 262k vocabulary) as the student takes minutes a step on 2 CPU cores even at 12 tokens (600 s "
         "timed out under load); the quickstart-xfamily line runs the same cross-tokenizer path, and Gemma's tokenizer "

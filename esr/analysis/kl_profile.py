@@ -11,14 +11,16 @@ Aggregation: a rollout is *alive* at t while t <= its length (its EOS included).
 (population, ddof=0) / p25 / p75 (linear interpolation) over the alive rollouts; per bucket of ``bucket`` positions
 the same statistics pooled over every alive (rollout, position) value in the bucket.
 
-Cumulative KL and the recommended N (the paper's rule of thumb: supervise the prefix holding ~45% of the KL):
+The recommended N comes from the token-mass rule, the one ``rollout.horizon=auto`` applies during training
+(``esr.rollout.auto_horizon.horizon_rule``; here without clamps or a previous N):
 
-    m(t) = mean over rollouts alive at t of KL_t                  (each position weighs the same, however many
-    C(t) = sum_{u<=t} m(u) / sum_{u<=T} m(u)                       rollouts are still alive there)
-    N    = min { t : C(t) >= share }
+    M(t) = sum over rollouts alive at t of KL_t                  (the share of the token-level KL total: what a
+    C_M(t) = sum_{u<=t} M(u) / sum_u M(u)                         full-rollout OPD loss sums)
+    N    = min { t : C_M(t) >= share }                            (the paper's rule of thumb: ~45% of the KL)
 
-``cumulative_mass`` is the variant that sums KL over rollouts instead of averaging, the share of the token-level
-KL total (what a full-rollout OPD loss sees); it is written to the JSON as a second opinion, N comes from C(t).
+The position-weighted variant is the second opinion, ``recommended_n_position``: m(t) = the MEAN over the rollouts
+alive at t, so each position weighs the same however many rollouts are still alive there (late positions, where few
+long answers remain, weigh as much as early ones: 265 against 114 on the quickstart pair at 512 tokens).
 
 Top-k share (what ``loss.select=top-kl-n`` keeps of the loss): for each rollout b with alive tokens A_b,
 
@@ -50,6 +52,7 @@ from esr.config import Config, ConfigError
 from esr.models.pair import load_pair, shared_vocab_size
 from esr.plots import COLORS, line_with_band, new_figure, save_png
 from esr.progress import progress_bar
+from esr.rollout.auto_horizon import RULE, RULE_TEXT, cumulative_share, horizon_rule, recommend_n
 from esr.types import Rollouts
 
 STATS = ("mean", "std", "p25", "p75")
@@ -89,9 +92,10 @@ class KLProfile:
 
     positions: dict[str, PositionStats]  # per-position statistics of kl, student_entropy, teacher_entropy
     buckets: dict[str, list[BucketStats]]
-    cumulative_T: np.ndarray  # C(t) from the per-position mean KL (module docstring)
-    cumulative_mass_T: np.ndarray  # the same from the per-position KL sum over rollouts
-    recommended_n: int | None  # smallest 1-based t with C(t) >= share; None when the KL is 0 everywhere
+    cumulative_T: np.ndarray  # C(t) from the per-position mean KL (position-weighted; module docstring)
+    cumulative_mass_T: np.ndarray  # C_M(t) from the per-position KL sum over rollouts (the token-mass rule's)
+    recommended_n: int | None  # the token-mass rule: smallest 1-based t with C_M(t) >= share; None when KL is all 0
+    recommended_n_position: int | None  # the second opinion: smallest t with C(t) >= share
     share: float
     bucket: int
     values_B_R: dict[str, torch.Tensor]
@@ -135,22 +139,6 @@ def bucket_stats(values_B_R: np.ndarray | torch.Tensor, mask_B_R: np.ndarray | t
                                    float(np.percentile(v, 25)), float(np.percentile(v, 75)), int(v.size),
                                    int(mask[:, s].sum()), *(float(np.percentile(per_rollout, q)) for q in (25, 75))))
     return out
-
-
-def cumulative_share(per_position_T: Sequence[float] | np.ndarray) -> np.ndarray:
-    """C(t) = sum_{u<=t} m(u) / sum_u m(u), NaN entries counted as 0; all zeros when the total is 0."""
-    m = np.nan_to_num(np.asarray(per_position_T, dtype=np.float64), nan=0.0)
-    total = m.sum()
-    return np.cumsum(m) / total if total > 0 else np.zeros_like(m)
-
-
-def recommend_n(cumulative_T: Sequence[float] | np.ndarray, share: float) -> int | None:
-    """N = the smallest 1-based t with C(t) >= share (1e-12 tolerance for float sums); None if C never gets there."""
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"share must be in (0, 1], got {share}")
-    hits = np.nonzero(np.asarray(cumulative_T, dtype=np.float64) >= share - 1e-12)[0]
-    return int(hits[0]) + 1 if hits.size else None
-
 
 
 def kl_profile(
@@ -240,11 +228,12 @@ def summarize_profile(values_B_R: dict[str, torch.Tensor], mask_B_R: torch.Tenso
     """Per-position and per-bucket statistics, C(t) and N from per-token values (pure; no model involved)."""
     positions = {q: position_stats(values_B_R[q], mask_B_R) for q in QUANTITIES}
     cumulative = cumulative_share(positions["kl"].mean_T)
-    mass = cumulative_share((values_B_R["kl"].double() * mask_B_R).sum(dim=0).numpy())
+    mass_T = (values_B_R["kl"].double() * mask_B_R).sum(dim=0).numpy()
     return KLProfile(
         positions=positions, buckets={q: bucket_stats(values_B_R[q], mask_B_R, bucket) for q in QUANTITIES},
-        cumulative_T=cumulative, cumulative_mass_T=mass,
-        recommended_n=recommend_n(cumulative, share), share=share, bucket=bucket,
+        cumulative_T=cumulative, cumulative_mass_T=cumulative_share(mass_T),
+        recommended_n=horizon_rule(mass_T, share), recommended_n_position=recommend_n(cumulative, share),
+        share=share, bucket=bucket,
         values_B_R=values_B_R, mask_B_R=mask_B_R, rollouts=(),
     )
 
@@ -271,16 +260,17 @@ def profile_summary(profile: KLProfile) -> dict[str, Any]:
           if t <= len(profile.cumulative_T)}
     buckets = {q: [dataclasses.asdict(b) for b in bs] for q, bs in profile.buckets.items()}
     return {
-        "recommended_n": profile.recommended_n, "share": profile.share,
-        "recommended_n_mass": recommend_n(profile.cumulative_mass_T, profile.share),
+        "recommended_n": profile.recommended_n, "rule": RULE, "rule_text": RULE_TEXT, "share": profile.share,
+        "recommended_n_position": profile.recommended_n_position,
         "cumulative_kl_at": at, "token_mean_kl": float(kl.sum() / mask.sum()) if mask.any() else 0.0,
         "top_k_kl_share": [top_k_share(kl, mask, k) for k in (50, 100, 200)],
         "response_length": {"mean": float(lengths.mean()), "p50": float(lengths.median()), "max": int(lengths.max())},
         "cut_share": float(torch.cat([b.cut_B for b in profile.rollouts]).float().mean()) if profile.rollouts else 0.0,
         "settings": profile.settings, "seconds": profile.seconds, "bucket": profile.bucket, "buckets": buckets,
         "positions_csv": "kl_profile.csv",
-        "note": "positions are 1-based; C(t) = sum_{u<=t} m(u) / sum_u m(u), m(u) = mean KL over the rollouts alive "
-                "at u; N = min t with C(t) >= share. recommended_n_mass: the same with the KL sum over rollouts.",
+        "note": "positions are 1-based; recommended_n: the token-mass rule (rule_text; the rule rollout.horizon=auto "
+                "applies); recommended_n_position: the same with m(u) = mean KL over the rollouts alive at u instead "
+                "of the sum (each position weighs the same). cumulative_kl_at: C(t) of the position-weighted m(u).",
     }
 
 
@@ -322,12 +312,15 @@ def plot_kl_profile(profile: KLProfile, path: str | Path) -> Path:
     ax.set_ylabel("nats")
     twin = ax.twinx()
     t = range(1, len(profile.cumulative_T) + 1)
-    twin.plot(t, profile.cumulative_T, color=COLORS["cumulative"], linestyle="--", label="cumulative KL share C(t)")
+    twin.plot(t, profile.cumulative_mass_T, color=COLORS["cumulative"], linestyle="--",
+              label="cumulative KL mass share C_M(t) (the rule)")
+    twin.plot(t, profile.cumulative_T, color=COLORS["cumulative"], linestyle=":", alpha=0.5,
+              label="position-weighted C(t)")
     twin.set_ylim(0, 1.02)
     twin.set_ylabel("cumulative KL share C(t)")
     if profile.recommended_n is not None:
         ax.axvline(profile.recommended_n, color=COLORS["mark"], linestyle=":", linewidth=1.5,
-                   label=f"N = {profile.recommended_n} (C(N) >= {profile.share:.0%})")
+                   label=f"N = {profile.recommended_n} (token mass C_M(N) >= {profile.share:.0%})")
         twin.axhline(profile.share, color=COLORS["mark"], linestyle=":", linewidth=0.8, alpha=0.6)
     alive = int(profile.mask_B_R.shape[0])
     ax.set_title(f"KL profile: {profile.settings.get('student', 'student')} <- "

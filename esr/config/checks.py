@@ -49,11 +49,29 @@ def check_partial_teacher(cfg: Any, why: str, instead: str) -> None:
         raise ConfigError(f"loss.cross_tokenizer={loss.cross_tokenizer} needs the teacher's tokenizer and hidden "
                           f"states here, but {why}: use a teacher that shares the student's tokenizer (it scores the "
                           f"student's own token ids) and unset loss.cross_tokenizer, {instead}")
+    if cfg.rollout.horizon == "auto":
+        raise ConfigError(f"rollout.horizon=auto measures the exact per-position KL with the teacher's logits, but "
+                          f"{why}: set rollout.horizon=esr (a fixed rollout.n), {instead}")
     x = cfg.optim.extrapolate
     if x.enabled and x.probe == "reverse_kl":
         raise ConfigError(f"optim.extrapolate.probe=reverse_kl computes the exact KL with the teacher's logits, but "
                           f"{why}: set optim.extrapolate.probe=eval (an eval.task metric), "
                           f"optim.extrapolate.enabled=false, {instead}")
+
+
+def check_auto_horizon(r: Any) -> None:
+    """``rollout.horizon=auto`` (the ``rollout`` section ``r``): the starting N and the rule's bounds must fit T."""
+    a, t = r.auto, r.max_new_tokens
+    n_max = t if a.n_max is None else a.n_max
+    if n_max > t:
+        raise ConfigError(f"rollout.auto.n_max={n_max} is larger than rollout.max_new_tokens={t}: the probes sample "
+                          f"to T, so N cannot exceed it. Lower rollout.auto.n_max or raise rollout.max_new_tokens.")
+    if a.n_min > n_max:
+        raise ConfigError(f"rollout.auto.n_min={a.n_min} is larger than rollout.auto.n_max={n_max} (None means "
+                          f"rollout.max_new_tokens): lower rollout.auto.n_min.")
+    if r.n > t:
+        raise ConfigError(f"rollout.n={r.n} (auto's starting N) is larger than rollout.max_new_tokens={t}: lower "
+                          f"rollout.n or raise rollout.max_new_tokens.")
 
 
 def check_loss(loss: Any, select_type: Any) -> None:

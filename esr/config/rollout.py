@@ -7,7 +7,7 @@ from typing import Literal
 
 from esr.config.ranges import POSITIVE, at_least, between, ranged
 
-Horizon = Literal["full", "esr", "progressive", "ratio"]
+Horizon = Literal["full", "esr", "progressive", "ratio", "auto"]
 RolloutEngine = Literal["hf", "hf-compiled", "vllm", "vllm-server"]
 RolloutDType = Literal["auto", "float32", "bfloat16"]
 
@@ -37,9 +37,34 @@ class VllmConfig:
 
 
 @dataclass(frozen=True)
+class AutoHorizonConfig:
+    """`rollout.horizon=auto`: N picks itself from probe rollouts (esr/rollout/auto_horizon.py)."""
+
+    every: int = ranged(30, at_least(1))
+    """Steps between probes; the first runs before step 1. Each probe samples `rollouts` held-out answers to
+    rollout.max_new_tokens and scores them with the teacher (no gradient). Measured on the quickstart pair (batch
+    4, T=512, 2 CPU cores under load): a probe of 4 rollouts took 214 s (1250 tokens, the longest 453), a step at
+    N=90 54 s, so one probe costs ~4 steps and every 30 steps keeps the probes near 12% (< 15%) of the run; each
+    run logs the measured share as `probe_share`."""
+    rollouts: int = ranged(4, at_least(1))
+    """Probe rollouts per probe (held-out prompts, sampled together)."""
+    share: float = ranged(0.45, between(0, 1, lo_open=True))
+    """N is the first position where the cumulative per-position KL mass (summed over alive tokens) reaches this
+    share of the total (the token-mass rule; the paper's ~45%)."""
+    n_min: int = ranged(16, at_least(1))
+    """The smallest N the rule may pick."""
+    n_max: int | None = ranged(None, at_least(1))
+    """The largest N the rule may pick; None: rollout.max_new_tokens."""
+    ema: float = ranged(0.5, between(0, 1, lo_open=True))
+    """Weight of the newest probe in the running per-position KL profile: profile = (1 - ema) * profile + ema *
+    probe (1: only the newest probe counts)."""
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     horizon: Horizon = "esr"
-    """How many tokens each rollout may have: `esr` (N), `full` (T), `progressive` (POPD), `ratio` (TOPD)."""
+    """How many tokens each rollout may have: `esr` (N), `full` (T), `progressive` (POPD), `ratio` (TOPD), `auto`
+    (N chosen by probes every `rollout.auto.every` steps, starting from `rollout.n`; `rollout.auto`)."""
     n: int = ranged(100, at_least(1))
     """ESR's N: the rollout stops after the first N new tokens (or at EOS)."""
     max_new_tokens: int = ranged(512, at_least(1))
@@ -75,5 +100,7 @@ class RolloutConfig:
     GKD's 1 - lmbda with seq_kd). Each sequence is the teacher's with probability lambda, drawn from (seed, step); the
     loss is the same per-token divergence at the teacher's tokens. Needs a local teacher sharing the student's
     tokenizer (teacher.engine=hf, no teacher.url)."""
+    auto: AutoHorizonConfig = field(default_factory=lambda: AutoHorizonConfig())
+    """Settings of `rollout.horizon=auto`."""
     vllm: VllmConfig = field(default_factory=lambda: VllmConfig())
     """Settings of the vLLM engines (`rollout.engine=vllm|vllm-server`)."""

@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from esr.config.checks import ConfigError, check_engines, check_loss, check_mix, check_remote_teacher, check_samples
+from esr.config.checks import (
+    ConfigError,
+    check_auto_horizon,
+    check_engines,
+    check_loss,
+    check_mix,
+    check_remote_teacher,
+    check_samples,
+)
 from esr.config.guard import GuardConfig, GuardPolicy
 from esr.config.inputs import DataConfig, MixSource, ModelConfig, TeacherConfig, TeacherEngine
 from esr.config.log import LogConfig, Tracker
@@ -221,6 +229,8 @@ def _check_consistency(cfg: Config) -> None:
             f"rollout.n={r.n} is larger than rollout.max_new_tokens={r.max_new_tokens}: ESR's N must not exceed T. "
             f"Lower rollout.n or raise rollout.max_new_tokens."
         )
+    if r.horizon == "auto":
+        check_auto_horizon(r)
     if r.min_new_tokens > r.max_new_tokens:
         raise ConfigError(
             f"rollout.min_new_tokens={r.min_new_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}"

@@ -63,7 +63,9 @@ def horizon_text(cfg: Config) -> str:
     r = cfg.rollout
     return {"esr": f"esr (N = {r.n} tokens)", "full": f"full (T = {r.max_new_tokens} tokens)",
             "progressive": f"progressive (H0 = {r.h0}, +{r.dh} every {r.every} steps, cap T = {r.max_new_tokens})",
-            "ratio": f"ratio (rho = {r.rho} of T = {r.max_new_tokens})"}[r.horizon]
+            "ratio": f"ratio (rho = {r.rho} of T = {r.max_new_tokens})",
+            "auto": f"auto (N chosen by KL-profile probes every {r.auto.every} steps from N = {r.n}, share "
+                    f"{r.auto.share}, cap T = {r.max_new_tokens})"}[r.horizon]
 
 
 def model_card(facts: RunFacts, *, merged: bool, dtype: str, base_path: str | None, chosen: str = "") -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,24 @@ class KLProbe:
 
     @torch.no_grad()
     def __call__(self) -> float:
+        kl_sum, count = 0.0, int(self.mask_B_R.sum())
+        for _, kl_B_T in self._masked_kl():
+            kl_sum += float(kl_B_T.sum(dtype=torch.float64))
+        return kl_sum / max(1, count)
+
+    @torch.no_grad()
+    def per_position(self) -> torch.Tensor:
+        """The KL mass per response position: float64 (R,), sum over the rollouts of the masked reverse KL (what
+        ``rollout.horizon=auto``'s rule reads; esr/rollout/auto_horizon.py)."""
+        mass_R = torch.zeros(self.mask_B_R.shape[1], dtype=torch.float64)
+        for c, kl_B_T in self._masked_kl():
+            mass_R[c:c + kl_B_T.shape[1]] += kl_B_T.sum(dim=0, dtype=torch.float64)
+        return mass_R
+
+    def _masked_kl(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first position c, reverse KL of a micro-batch's chunk of positions, 0 outside the mask), on the CPU."""
         was_training = self.student.training
         self.student.eval()
-        kl_sum, count = 0.0, int(self.mask_B_R.sum())
         try:
             for i, a in enumerate(range(0, len(self.rollouts), self.micro_batch_size)):
                 mb = self.rollouts.slice(a, a + self.micro_batch_size)
@@ -77,10 +93,9 @@ class KLProbe:
                     if self.vocab_map is not None:
                         s_logits, t_logits = self.vocab_map.restrict(s_logits, t_logits)
                     kl_B_T = reverse_kl(s_logits, t_logits).cpu()
-                    kl_sum += float(torch.where(mask_B_R[:, c:d], kl_B_T, 0.0).sum(dtype=torch.float64))
+                    yield c, torch.where(mask_B_R[:, c:d], kl_B_T, 0.0)
         finally:
             self.student.train(was_training)
-        return kl_sum / max(1, count)
 
 
 class EvalProbe:

@@ -37,6 +37,8 @@ class RunData:
     """EffOPD events (extrapolate/events.jsonl), one per extrapolation."""
     guard: list[dict[str, Any]] = field(default_factory=list)
     """Collapse guard events (guard/events.jsonl), one per tripped signal."""
+    auto_profile: list[dict[str, Any]] = field(default_factory=list)
+    """``rollout.horizon=auto`` probes (auto/profile.jsonl): step, n_before, n, probe_kl, profile."""
     notes: list[str] = field(default_factory=list)
     """Problems met while reading (torn lines skipped, unreadable files), shown in the report."""
     color: str = "#1f77b4"
@@ -133,17 +135,18 @@ def load_run(path: Path) -> RunData:
     info = _read_mapping(path / "run.json", notes, json.loads)
     run = RunData(path=path, name=path.resolve().name, config=config, info=info, metrics=metrics, notes=notes)
     _load_eval(run)
-    run.extrapolation = _events(run, "extrapolate/events.jsonl")
-    run.guard = _events(run, "guard/events.jsonl")
+    run.extrapolation = _step_rows(run, "extrapolate/events.jsonl")
+    run.auto_profile = _step_rows(run, "auto/profile.jsonl")
+    run.guard = _step_rows(run, "guard/events.jsonl")
     return run
 
 
-def _events(run: RunData, name: str) -> list[dict[str, Any]]:
-    """The rows of the run's event log ``name`` that have a step (none when it is absent); torn lines noted."""
-    events = run.path / name
-    if not events.is_file():
+def _step_rows(run: RunData, name: str) -> list[dict[str, Any]]:
+    """The rows with an integer step of the run's JSONL file ``name`` ([] when absent); torn lines noted."""
+    path = run.path / name
+    if not path.is_file():
         return []
-    rows, bad = read_jsonl(events)
+    rows, bad = read_jsonl(path)
     if bad:
         run.notes.append(f"skipped {bad} unreadable line{'s' * (bad > 1)} in {name}")
     return [r for r in rows if isinstance(r.get("step"), int)]

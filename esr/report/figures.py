@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from esr.plots import figure, png_bytes
 from esr.report.collect import PHASES, RunData
 from esr.report.fmt import PHASE_COLORS
@@ -106,4 +108,23 @@ def phase_plot(runs: Sequence[RunData]) -> bytes:
         ax.set_xticks(x, [run.name for run in runs], rotation=20 if len(runs) > 3 else 0, fontsize=8)
         for label, run in zip(ax.get_xticklabels(), runs, strict=True):
             label.set_color(run.color)
+    return _png(fig)
+
+
+def auto_profile_plot(runs: Sequence[RunData]) -> bytes:
+    """Each auto run's last running profile as the cumulative share of its KL mass over positions, N marked."""
+    fig, (ax,) = _figure()
+    for run in runs:
+        last = run.auto_profile[-1]
+        mass = np.asarray(last.get("profile") or [0.0], dtype=np.float64)
+        total = mass.sum()
+        cumulative = np.cumsum(mass) / total if total > 0 else np.zeros_like(mass)
+        ax.plot(range(1, len(mass) + 1), cumulative, color=run.color, linewidth=1.6,
+                label=f"{run.name} (before step {last['step']}, N = {last.get('n')})")
+        if isinstance(last.get("n"), int):
+            ax.axvline(last["n"], color=run.color, linestyle=":", linewidth=1.2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("response position t")
+    ax.set_ylabel("cumulative share of the KL mass")
+    ax.legend(frameon=False, fontsize=8)
     return _png(fig)

@@ -11,6 +11,7 @@ from esr.report import analysis, figures
 from esr.report.collect import PHASES, RunData
 from esr.report.doc import Block, Bullets, Document, Heading, Image, Table, Text
 from esr.report.fmt import DASH, flops, gigabytes, num, seconds, share
+from esr.report.horizon import horizon_section
 
 EVAL_EXTRA_KEYS = ("relaxed_accuracy", "length_p50", "cut_share", "repeated_4gram_share", "multi_box_share")
 """Evaluation keys plotted next to the run's metric when recorded (collapse signals among them)."""
@@ -25,7 +26,7 @@ def build_document(runs: Sequence[RunData], extra: Sequence[analysis.AnalysisIte
                    subtitle=f"{len(runs)} run{'s' * (len(runs) > 1)} · generated {datetime.now():%Y-%m-%d %H:%M}")
     if not plots.available():
         doc.add(Text("Plots are left out: matplotlib is not installed (pip install matplotlib).", tone="warn"))
-    for section in (runs_section, curves_section, eval_section, time_section, compute_section,
+    for section in (runs_section, curves_section, horizon_section, eval_section, time_section, compute_section,
                     extrapolation_section, guard_section):
         section(doc, runs)
     analyses_section(doc, runs, extra)
@@ -46,6 +47,8 @@ def horizon_text(run: RunData) -> str:
         "progressive": f"progressive (H0={run.cfg('rollout.h0')}, +{run.cfg('rollout.dh')} every "
                        f"{run.cfg('rollout.every')} steps, T={t})",
         "ratio": f"ratio (rho={run.cfg('rollout.rho')}, T={t})",
+        "auto": f"auto (from N={run.cfg('rollout.n')}, share {run.cfg('rollout.auto.share')}, probes every "
+                f"{run.cfg('rollout.auto.every')} steps, T={t})",
     }.get(kind, f"{kind} (T={t})")
     _, used = run.series("horizon")
     if used and min(used) != max(used):

@@ -6,6 +6,9 @@ Each policy is a pure function of the step, so a resumed run plans exactly what 
     EarlyStop(N)                   H_k = N                                   (ESR, N ~ 100)
     Progressive(h0, dh, every, T)  H_k = min(T, h0 + dh * floor(k / every))  (POPD)
     RatioHorizon(rho, T)           H_k = max(1, round(rho * T))              (TOPD)
+    AutoHorizon(...)               H_k = N from probes of the KL profile     (rollout.horizon=auto)
+
+AutoHorizon is the one stateful policy: its state is checkpointed (esr/rollout/auto_horizon.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from esr.config import RolloutConfig
+from esr.rollout.auto_horizon import AutoHorizon
 
 
 class HorizonPolicy(Protocol):
@@ -64,6 +68,9 @@ def make_policy(cfg: RolloutConfig) -> HorizonPolicy:
         return FullHorizon(cfg.max_new_tokens)
     if cfg.horizon == "esr":
         return EarlyStop(cfg.n)
+    if cfg.horizon == "auto":
+        a = cfg.auto
+        return AutoHorizon(cfg.n, a.share, a.n_min, a.n_max or cfg.max_new_tokens, a.ema)
     if cfg.horizon == "progressive":
         return Progressive(cfg.h0, cfg.dh, cfg.every, cfg.max_new_tokens)
     return RatioHorizon(cfg.rho, cfg.max_new_tokens)

@@ -40,6 +40,7 @@ from esr.train.engine_failure import explain_engine_failure
 from esr.train.evaluation import PeriodicEval
 from esr.train.extend import EXTENSIONS, extend_run, extensions, started_config
 from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
+from esr.train.horizon_probe import HorizonProbe, horizon_state, make_horizon_probe, restore_horizon
 from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, truncate_jsonl
 from esr.train.progress import RunProgress
 from esr.train.rollback import Guard, GuardRollback
@@ -105,16 +106,19 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     extrapolator = (make_extrapolator(s, started_config(cfg, run_dir), run_dir) if cfg.optim.extrapolate.enabled
                     else None)
     events_path = run_dir / "extrapolate" / "events.jsonl"
+    auto = make_horizon_probe(s, cfg, started_config(cfg, run_dir), run_dir)  # rollout.horizon=auto, else None
 
     status = "failed"  # how the trackers' run ends: finished, stopped (graceful stop; resumable) or failed
     try:
         s, start, ckpt, nonfinite_in_a_row = _restore(s, cfg, run_dir, resume, extrapolator, log, evals, events_path)
+        if auto is not None:
+            auto.truncate_after(start)
         guard = Guard(cfg, run_dir, s, extrapolator, log, evals, lambda step, folder, nonfinite: _checkpoint(
             s, cfg, folder, step, nonfinite, extrapolator, guard), ckpt)  # the collapse guard (esr/train/rollback.py)
         while True:
             try:
                 ckpt = _steps(s, cfg, run_dir, start, ckpt, nonfinite_in_a_row, extrapolator, log, evals,
-                              events_path, progress, guard)
+                              events_path, progress, guard, auto)
                 break
             except GuardRollback as back:  # the guard restored an earlier checkpoint: go on after it
                 start, ckpt, nonfinite_in_a_row = back.step, back.checkpoint, back.nonfinite_in_a_row
@@ -132,7 +136,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
 
 def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None, nonfinite_in_a_row: int,
            extrapolator: Extrapolator | None, log: MetricsLog, evals: PeriodicEval, events_path: Path,
-           progress: bool, guard: Guard) -> Path | None:
+           progress: bool, guard: Guard, auto: HorizonProbe | None = None) -> Path | None:
     """Steps ``start`` .. ``train.steps``: step, log, checkpoint, evaluate. Returns the last checkpoint. After the
     first Ctrl-C or SIGTERM, the step under way finishes (its extrapolation, log, checkpoint and evaluation too), is
     checkpointed if it was not, and ``RunStopped`` ends the run; a second signal stops at once."""
@@ -143,7 +147,10 @@ def _steps(s: Session, cfg: Config, run_dir: Path, start: int, ckpt: Path | None
             with (_explain_out_of_memory(cfg, step + 1, s.device, run_dir, bar),
                   explain_engine_failure(step + 1, run_dir, ckpt, bar)):
                 samples = [] if cfg.log.samples_every and (step + 1) % cfg.log.samples_every == 0 else None
+                probed = auto.probe(s, step) if auto is not None else {}  # rollout.horizon=auto: N picks itself
                 metrics = run_step(s, cfg, step, samples)
+                if auto is not None:
+                    metrics = auto.record(metrics, probed)
                 if extrapolator is not None and extrapolator.due(step + 1):
                     metrics = _extrapolate(extrapolator, s, step + 1, metrics, events_path, log, bar)
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics.skipped else 0
@@ -185,7 +192,8 @@ def _checkpoint(s: Session, cfg: Config, run_dir: Path, step: int, nonfinite_in_
     """Write the checkpoint of ``step`` (rank 0; with FSDP every process first gathers its shards)."""
     full = _gather_sharded(s, cfg) if cfg.train.fsdp else None  # every process takes part
     return main_only(save_checkpoint, run_dir, step, s.student, s.tokenizer, s.optimizer, s.scheduler, cfg,
-                     {"nonfinite_in_a_row": nonfinite_in_a_row, "guard": guard.state()}, extrapolator, full)
+                     {"nonfinite_in_a_row": nonfinite_in_a_row, "guard": guard.state(), **horizon_state(s.policy)},
+                     extrapolator, full)
 
 
 def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator: Extrapolator | None,
@@ -211,6 +219,7 @@ def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator:
     if ckpt is not None:
         state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator, weights=not cfg.train.fsdp)
         start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
+        restore_horizon(s.policy, state, ckpt)
     log.truncate_after(start)
     main_only(evals.truncate_after, start)
     main_only(truncate_jsonl, events_path, start)

@@ -86,6 +86,15 @@ class StepMetrics:
     guard signal, esr/train/guard.py)."""
     multi_box_share: float | None = None
     """Share of the step's responses with several \\boxed answers (a collapse guard signal)."""
+    probe_kl: float | None = None
+    """`rollout.horizon=auto`, on a step a probe preceded: the probe's mean reverse KL per scored token
+    (esr/train/horizon_probe.py). None otherwise."""
+    probe_seconds: float = 0.0
+    """Wall time of the auto-horizon probe before this step (0 when none ran)."""
+    probe_flops: float = 0.0
+    """Approximate FLOPs of that probe: 2 * student_params * (sampled + read tokens) + 2 * teacher_params * tokens."""
+    probe_share: float | None = None
+    """`rollout.horizon=auto`: share of the run's wall time so far spent in probes (None for other horizons)."""
     by_source: dict[str, dict[str, float]] | None = None
     """With ``data.mix``: per source (its name), scored by its own teacher: ``kl`` (as ``kl``, over its rows),
     ``tokens_scored``, ``rows``, ``seconds_score`` (its teacher) and ``seconds`` (its scoring, loss and backward).

@@ -29,6 +29,9 @@ class RunProgress:
         stats = f"loss {m.loss:.4f}  kl {m.kl:.4f}  H {m.horizon}  len {m.response_len_mean:.0f}"
         if m.by_source:  # data.mix: each source's KL, by its own teacher
             stats += "  (" + ", ".join(f"{name} {v['kl']:.4f}" for name, v in m.by_source.items()) + ")"
+        if m.probe_share is not None:  # rollout.horizon=auto: the probes' share of the run's time so far
+            stats += f"  probe {100 * m.probe_share:.0f}%"
+            stats += f" (kl {m.probe_kl:.4f})" if m.probe_kl is not None else ""
         if m.skipped:
             stats += "  [red]skipped (non-finite)"
         self.progress.update(self.task, completed=m.step, stats=stats)
@@ -71,6 +74,13 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
     extrapolate = [m.get("seconds_extrapolate", 0.0) for m in metrics]
     if any(extrapolate):
         table.add_row("seconds extrapolating (EffOPD)", f"{sum(extrapolate):.1f} in total")
+    horizons = [m["horizon"] for m in metrics]
+    if min(horizons) != max(horizons) or metrics[-1].get("probe_share") is not None:
+        table.add_row("horizon N: first -> last (min-max)",
+                      f"{horizons[0]} -> {horizons[-1]} ({min(horizons)}-{max(horizons)})")
+    if metrics[-1].get("probe_share") is not None:  # rollout.horizon=auto
+        table.add_row("auto-horizon probes", f"{sum(m.get('probe_seconds', 0.0) for m in metrics):.1f} s, "
+                                             f"{100 * metrics[-1]['probe_share']:.1f}% of the run's time")
     table.add_row("tokens generated per step", f"{mean(metrics, 'tokens_generated'):.0f}")
     scored = sum(m["tokens_scored"] for m in metrics) / max(1, sum(m["tokens_generated"] for m in metrics))
     if scored < 1:
@@ -86,11 +96,13 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
 def compute_summary(metrics: list[dict[str, Any]]) -> str | None:
     """Total approximate FLOPs of the run and each phase's share, e.g. "1.2e+15 FLOPs (gen 10%, score 30%, train
     60%)"; None when no line has them (runs logged before esr counted FLOPs)."""
-    phases = (("gen", "generate"), ("score", "score"), ("train", "train"), ("extrapolate", "extrapolate"))
+    phases = (("gen", "generate"), ("score", "score"), ("train", "train"), ("extrapolate", "extrapolate"),
+              ("probe", "probe"))
     totals = {phase: sum(m.get(f"flops_{phase}", 0.0) for m in metrics) for _, phase in phases}
+    totals["probe"] = sum(m.get("probe_flops", 0.0) for m in metrics)  # rollout.horizon=auto's probes
     total = sum(totals.values())
     if total <= 0:
         return None
     shares = ", ".join(f"{name} {100 * totals[phase] / total:.0f}%" for name, phase in phases
-                       if phase != "extrapolate" or totals[phase] > 0)
+                       if phase not in ("extrapolate", "probe") or totals[phase] > 0)
     return f"{total:.1e} FLOPs ({shares})"

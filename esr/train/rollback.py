@@ -34,6 +34,7 @@ from esr.models.checkpoints import TRAINER_STATE_JSON, list_checkpoints, trainer
 from esr.train.checkpoint import load_checkpoint
 from esr.train.distributed import main_only, world_size
 from esr.train.guard import Trip, eval_trips, step_trips
+from esr.train.horizon_probe import restore_horizon
 from esr.train.metrics import append_jsonl, truncate_jsonl
 
 log = logging.getLogger("esr.train")
@@ -140,6 +141,8 @@ class Guard:
         main_only(self.evals.truncate_after, back)
         main_only(truncate_jsonl, self.run_dir / "extrapolate" / "events.jsonl", back)
         state = load_checkpoint(target, self.s.student, self.s.optimizer, self.s.scheduler, self.extrapolator)
+        restore_horizon(self.s.policy, state, target)  # rollout.horizon=auto: N and the profile of that step
+        main_only(truncate_jsonl, self.run_dir / "auto" / "profile.jsonl", back)
         for p in list_checkpoints(self.run_dir):
             if self._step_of(p) > back:
                 main_only(shutil.rmtree, p, True)

@@ -71,8 +71,9 @@ def test_summary_uses_the_mean_over_alive_rollouts_and_reports_the_mass_variant(
     values = {"kl": kl, "student_entropy": kl * 2, "teacher_entropy": kl * 3}
     p = summarize_profile(values, mask, share=0.45, bucket=2)
     np.testing.assert_allclose(p.positions["kl"].mean_T, [4.0, 3.0, 2.0, 1.0])
-    assert p.recommended_n == 2  # C from the means [4, 3, 2, 1]
+    assert p.recommended_n_position == 2  # C from the means [4, 3, 2, 1]: 0.4 < 0.45 <= 0.7
     np.testing.assert_allclose(p.cumulative_mass_T, [8 / 14, 11 / 14, 13 / 14, 1.0])  # sums [8, 3, 2, 1]
+    assert p.recommended_n == 1  # the token-mass rule: 8 / 14 >= 0.45 at the first position
     assert p.buckets["teacher_entropy"][0].mean == pytest.approx((12 + 9 + 12) / 3)
 
 
@@ -132,19 +133,25 @@ def test_per_position_kl_equals_a_full_logits_computation(tiny_pair):
     mask = p.mask_B_R.double()
     want_mean = (ref["kl"] * mask).sum(0) / mask.sum(0)
     np.testing.assert_allclose(p.positions["kl"].mean_T, want_mean.numpy(), atol=1e-5)
-    assert p.recommended_n == recommend_n(np.cumsum(want_mean.numpy()) / want_mean.sum().item(), 0.45)
+    assert p.recommended_n_position == recommend_n(np.cumsum(want_mean.numpy()) / want_mean.sum().item(), 0.45)
+    want_mass = (ref["kl"] * mask).sum(0).numpy()
+    assert p.recommended_n == recommend_n(np.cumsum(want_mass) / want_mass.sum(), 0.45)
 
 
 def test_run_kl_profile_writes_json_csv_and_png(tmp_path):
     p = run_kl_profile("configs/smoke.yaml", tmp_path, rollouts=3, max_new_tokens=10, progress=False)
     summary = json.loads((tmp_path / "kl_profile.json").read_text())
     assert summary["recommended_n"] == p.recommended_n is not None
+    assert summary["rule"] == "token-mass" and "summed over the rollouts alive" in summary["rule_text"]
+    assert summary["recommended_n_position"] == p.recommended_n_position is not None
     assert summary["settings"]["student"] == "tiny-student" and summary["settings"]["rollouts"] == 3
     with open(tmp_path / "kl_profile.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == p.mask_B_R.shape[1] and rows[0]["position"] == "1"
     kl_mean = [float(r["kl_mean"]) for r in rows]
-    assert recommend_n(cumulative_share(kl_mean), 0.45) == p.recommended_n
+    assert recommend_n(cumulative_share(kl_mean), 0.45) == p.recommended_n_position
+    mass = [float(r["cumulative_kl_mass"]) for r in rows]
+    assert recommend_n(mass, 0.45) == p.recommended_n
     assert (tmp_path / "kl_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
