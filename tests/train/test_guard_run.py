@@ -91,3 +91,23 @@ def test_report_lists_the_guard_events(stopped: tuple[Path, GuardStopError], tmp
     _, md = write_report([run], tmp_path / "report.html")
     text = md.read_text()
     assert "## Collapse guard" in text and "rollback" in text and "stop" in text
+
+
+def test_a_rollback_also_restores_the_auto_horizon(tmp_path: Path) -> None:
+    """rollout.horizon=auto with a probe before every step: the rollback to the starting weights puts N and the
+    running profile back too, so the replayed step 1 probes and plans exactly as the first step 1 did, and
+    auto/profile.jsonl is cut back (one line per step, no step twice)."""
+    run = tmp_path / "auto"
+    cfg = load_config("configs/smoke.yaml", [*COLLAPSE, "train.steps=4", "train.guard.max_trips=2",
+                                             "rollout.horizon=auto", "rollout.n=4", "rollout.auto.n_min=1",
+                                             "rollout.auto.every=1", "rollout.auto.rollouts=2"])
+    with pytest.raises(GuardStopError):
+        train(cfg, run, progress=False)
+    lines = (run / "guard" / "rolled-back-metrics.jsonl").read_text().splitlines()
+    rolled = {m["step"]: m for m in map(json.loads, lines)}
+    metrics = {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert rolled[1]["horizon"] == metrics[1]["horizon"] and rolled[1]["probe_kl"] == metrics[1]["probe_kl"]
+    steps = [json.loads(line)["step"] for line in (run / "auto" / "profile.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 1
+    state = json.loads((run / "checkpoints" / "step-000000" / "trainer" / "trainer_state.json").read_text())
+    assert state["auto_horizon"]["n"] == 4 and state["auto_horizon"]["profile"] is None  # as before any probe
