@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,27 @@ class KLProbe:
 
     @torch.no_grad()
     def __call__(self) -> float:
+        kl_sum, count = 0.0, int(self.mask_B_R.sum())
+        for _, _, kl_B_T, mask_B_T in self._chunks():
+            kl_sum += float(torch.where(mask_B_T, kl_B_T, 0.0).sum(dtype=torch.float64))
+        return kl_sum / max(1, count)
+
+    @torch.no_grad()
+    def token_kl(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kl_B_R, mask_B_R)``: the reverse KL at every response position (float32, CPU, 0 where not counted)
+        and which positions the probe counts (every response token; across tokenizers the exact 1:1 pairs).
+        ``__call__`` is ``kl_B_R.sum() / mask_B_R.sum()``."""
+        B, R = self.mask_B_R.shape
+        kl_B_R = torch.zeros(B, R)
+        for rows, cols, kl_B_T, mask_B_T in self._chunks():
+            kl_B_R[rows, cols] = torch.where(mask_B_T, kl_B_T, 0.0)
+        return kl_B_R, self.mask_B_R.bool().cpu()
+
+    def _chunks(self) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
+        """Per (micro-batch, chunk of positions): its rows, its columns, the KL there (CPU) and the counted mask,
+        the student in eval mode meanwhile."""
         was_training = self.student.training
         self.student.eval()
-        kl_sum, count = 0.0, int(self.mask_B_R.sum())
         try:
             for i, a in enumerate(range(0, len(self.rollouts), self.micro_batch_size)):
                 mb = self.rollouts.slice(a, a + self.micro_batch_size)
@@ -76,11 +95,9 @@ class KLProbe:
                     t_logits = head_logits(self.teacher, teacher_B_R_H[:, c:d], self.teacher_vocab_size)
                     if self.vocab_map is not None:
                         s_logits, t_logits = self.vocab_map.restrict(s_logits, t_logits)
-                    kl_B_T = reverse_kl(s_logits, t_logits).cpu()
-                    kl_sum += float(torch.where(mask_B_R[:, c:d], kl_B_T, 0.0).sum(dtype=torch.float64))
+                    yield slice(a, a + len(mb)), slice(c, d), reverse_kl(s_logits, t_logits).cpu(), mask_B_R[:, c:d]
         finally:
             self.student.train(was_training)
-        return kl_sum / max(1, count)
 
 
 class EvalProbe:
