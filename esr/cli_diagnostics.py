@@ -24,8 +24,8 @@ ANALYZE_EXAMPLES = """examples:
 
 def add_parsers(verbs: argparse._SubParsersAction) -> None:
     raw = argparse.RawDescriptionHelpFormatter
-    probe = verbs.add_parser("probe", help="probe a student/teacher pair (kl-profile, decay) or trained runs (heldout-kl)",
-                             epilog=PROBE_EXAMPLES, formatter_class=raw)
+    probe = verbs.add_parser("probe", help="probe a student/teacher pair (kl-profile, decay) or trained runs "
+                             "(heldout-kl)", epilog=PROBE_EXAMPLES, formatter_class=raw)
     kinds = probe.add_subparsers(dest="probe", required=True)
     kl = kinds.add_parser("kl-profile", help="per-position KL and entropies on student rollouts; recommends N",
                           epilog=PROBE_EXAMPLES, formatter_class=raw)

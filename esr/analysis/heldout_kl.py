@@ -126,6 +126,7 @@ def measure(targets: Sequence[Target], *, prompts: int = 128, max_new_tokens: in
     N = cfg0.rollout.n if split is None else split
     teacher, teacher_tok = load_for_analysis(cfg0.teacher.name, cfg0)
     results, settings, first_ids = [], None, None
+    crosses: dict[tuple[str, int], CrossTokenizer] = {}  # a checkpoint shares its base's tables: built once
     with progress_bar(progress) as bar:
         task = bar.add_task("heldout-kl: sample + score", total=len(targets))
         for t in targets:
@@ -137,7 +138,7 @@ def measure(targets: Sequence[Target], *, prompts: int = 128, max_new_tokens: in
             elif held.ids != first_ids:
                 raise AnalysisError(f"{t.label} draws other held-out prompts than {targets[0].label}; measure "
                                     "runs of one data set and student tokenizer together")
-            results.append(_measure_one(t, _pair(student, tokenizer, teacher, teacher_tok, t.cfg), held, T, N,
+            results.append(_measure_one(t, _pair(student, tokenizer, teacher, teacher_tok, t.cfg, crosses), held, T, N,
                                         seed, rollouts_dir))
             del student
             gc.collect()
@@ -146,15 +147,20 @@ def measure(targets: Sequence[Target], *, prompts: int = 128, max_new_tokens: in
     return settings, results
 
 
-def _pair(student: nn.Module, tokenizer: Any, teacher: nn.Module, teacher_tok: Any, cfg: Config) -> _Pair:
-    """The student and teacher as ``kl_probe`` scores them: one id space, or aligned across tokenizers."""
+def _pair(student: nn.Module, tokenizer: Any, teacher: nn.Module, teacher_tok: Any, cfg: Config,
+          crosses: dict[tuple[str, int], CrossTokenizer]) -> _Pair:
+    """The student and teacher as ``kl_probe`` scores them: one id space, or aligned across tokenizers (the
+    translator kept in ``crosses`` by student and output width, for the next target of that student)."""
     if vocabulary_mismatch(tokenizer, teacher_tok) is None:
         vocab = shared_vocab_size(student, teacher, tokenizer)
         return _Pair(student, tokenizer, teacher, LocalScorer(teacher, vocab_size=vocab), None, vocab)
     s_size = student.get_output_embeddings().weight.shape[0]
     t_size = teacher.get_output_embeddings().weight.shape[0]
-    cross = CrossTokenizer(tokenizer, teacher_tok, student_size=s_size, teacher_size=t_size,
-                           student_eos_ids=eos_token_ids(tokenizer, student), teacher_prompt_ids=())
+    key = (cfg.student.name, s_size)
+    if key not in crosses:
+        crosses[key] = CrossTokenizer(tokenizer, teacher_tok, student_size=s_size, teacher_size=t_size,
+                                      student_eos_ids=eos_token_ids(tokenizer, student), teacher_prompt_ids=())
+    cross = crosses[key]
     scorer = CrossScorer(LocalScorer(teacher, vocab_size=t_size), cross, "aligned-exact",
                          chunk_size=cfg.loss.chunk_size)
     return _Pair(student, tokenizer, teacher, scorer, cross, s_size)
