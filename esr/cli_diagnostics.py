@@ -7,12 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
-from esr.config.ranges import COUNT, NON_NEGATIVE, SHARE, argument, at_least
+from esr.config.ranges import COUNT, NON_NEGATIVE, SEED, SHARE, argument, at_least
 
 PROBE_EXAMPLES = """examples:
   esr probe kl-profile configs/quickstart.yaml --rollouts 16 --max-new-tokens 512     # per-position KL, pick N
   esr probe decay configs/quickstart.yaml --ks 0 25 50 100 200 --limit 16             # teacher from student prefixes
   esr probe decay configs/quickstart.yaml --mirror                                    # student from teacher prefixes
+  esr probe heldout-kl runs/smoke --base --prompts 128                                # held-out KL vs base, 95% CIs
 """
 ANALYZE_EXAMPLES = """examples:
   esr analyze cascade runs/quickstart-20261124-101500                 # KL before/after training, inside/beyond N
@@ -23,8 +24,8 @@ ANALYZE_EXAMPLES = """examples:
 
 def add_parsers(verbs: argparse._SubParsersAction) -> None:
     raw = argparse.RawDescriptionHelpFormatter
-    probe = verbs.add_parser("probe", help="probe a student/teacher pair before training (kl-profile, decay)",
-                             epilog=PROBE_EXAMPLES, formatter_class=raw)
+    probe = verbs.add_parser("probe", help="probe a student/teacher pair (kl-profile, decay) or trained runs "
+                             "(heldout-kl)", epilog=PROBE_EXAMPLES, formatter_class=raw)
     kinds = probe.add_subparsers(dest="probe", required=True)
     kl = kinds.add_parser("kl-profile", help="per-position KL and entropies on student rollouts; recommends N",
                           epilog=PROBE_EXAMPLES, formatter_class=raw)
@@ -46,6 +47,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
     decay.add_argument("--max-new-tokens", type=argument(COUNT), default=384)
     decay.add_argument("--mirror", action="store_true", help="the student continues k-token teacher prefixes")
     decay.add_argument("--out", type=Path, default=Path("probes/decay"))
+    _add_heldout_parser(kinds, raw)
 
     analyze = verbs.add_parser("analyze", help="analyse trained runs (cascade, modes, tokens)",
                                epilog=ANALYZE_EXAMPLES, formatter_class=raw)
@@ -75,6 +77,23 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:
         p.add_argument("--no-progress", action="store_true")
 
 
+def _add_heldout_parser(kinds: argparse._SubParsersAction, raw: type[argparse.HelpFormatter]) -> None:
+    h = kinds.add_parser("heldout-kl", help="reverse KL of trained runs to their teacher on held-out prompts, with "
+                         "bootstrap 95%% intervals", epilog=PROBE_EXAMPLES, formatter_class=raw)
+    h.add_argument("targets", nargs="+", metavar="TARGET",
+                   help="RUN (its newest checkpoint), RUN@step-8 (that checkpoint) or RUN@base (its untrained "
+                        "student); the first is the reference of the paired comparisons")
+    h.add_argument("--prompts", type=argument(COUNT), default=128, help="held-out prompts (one rollout each)")
+    h.add_argument("--max-new-tokens", type=argument(COUNT), help="rollout length (default: the run's)")
+    h.add_argument("--split", type=argument(COUNT), help="N: inside is r < N, beyond r >= N (default: rollout.n)")
+    h.add_argument("--steps", type=argument(at_least(0)), nargs="+", default=[],
+                   help="measure each plain RUN at these checkpoint steps instead of its newest")
+    h.add_argument("--base", action="store_true", help="measure the first run's untrained student first")
+    h.add_argument("--seed", type=argument(SEED), default=1234, help="sampling seed (the same for every target)")
+    h.add_argument("--out", type=Path, default=Path("probes/heldout-kl"))
+    h.add_argument("--no-progress", action="store_true")
+
+
 def run_probe(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.probe == "kl-profile":
@@ -89,6 +108,8 @@ def run_probe(args: argparse.Namespace) -> int:
               f"N = {summary['recommended_n_position']}); the 100 highest-KL tokens of a rollout hold "
               f"{top['mean']:.0%} of its KL ({top['tokens']:.0%} of its tokens); results in {args.out}")
         return 0
+    if args.probe == "heldout-kl":
+        return _heldout_kl(args, progress)
     from esr.analysis.decay import run_decay
 
     result = run_decay(args.config, args.out, ks=args.ks, task=args.task, limit=args.limit, n=args.n,
@@ -127,4 +148,21 @@ def run_analysis(args: argparse.Namespace) -> int:
         run_token_analysis(args.target, out, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
                            top=args.top, teacher=args.teacher, progress=progress)
         print(f"results in {out}")
+    return 0
+
+
+def _heldout_kl(args: argparse.Namespace, progress: bool) -> int:
+    from rich.console import Console
+
+    from esr.analysis.heldout_kl import run_heldout_kl
+    from esr.analysis.heldout_summary import rich_tables
+    from esr.analysis.heldout_targets import resolve_targets
+
+    targets = resolve_targets(args.targets, steps=args.steps, base=args.base)
+    summary = run_heldout_kl(targets, args.out, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                             split=args.split, seed=args.seed, progress=progress)
+    console = Console()
+    for table in rich_tables(summary):
+        console.print(table)
+    print(f"results in {args.out}")
     return 0

@@ -90,6 +90,8 @@ EXAMPLES: dict[str, list[tuple[str, str]] | Skip] = {
     "esr probe decay configs/quickstart.yaml --ks 0 25 50 100 --limit 8":
         [("quickstart.yaml", "smoke.yaml"), ("--ks 0 25 50 100 --limit 8", "--ks 0 4 8 " + FEW)],
     "esr analyze cascade runs/<run>": [("runs/<run>", "runs/esr-run --rollouts 2 --max-new-tokens 12 --no-progress")],
+    "esr probe heldout-kl runs/<run> --base --prompts 128":
+        [("runs/<run>", "runs/esr-run"), ("--prompts 128", "--prompts 2 --max-new-tokens 12 --no-progress")],
     "esr report runs/<esr-run> runs/<full-run>": [("<esr-run>", "esr-run"), ("<full-run>", "xfamily")],
     "esr export runs/<run> --out models/my-student --merge --dtype bfloat16": [("runs/<run>", "runs/esr-run")],
     # the teacher as a service (a real server on 127.0.0.1, a free port)
@@ -215,6 +217,7 @@ ORDER = [  # the README's lines, in an order where each run folder exists before
     "esr probe kl-profile configs/quickstart.yaml --rollouts 8 --max-new-tokens 256",
     "esr probe decay configs/quickstart.yaml --ks 0 25 50 100 --limit 8",
     "esr analyze cascade runs/<run>",
+    "esr probe heldout-kl runs/<run> --base --prompts 128",
     "esr report runs/<esr-run> runs/<full-run>",
     "esr export runs/<run> --out models/my-student --merge --dtype bfloat16",
     "torchrun --standalone --nproc_per_node 2 -m esr train configs/quickstart.yaml --out runs/two",

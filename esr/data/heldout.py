@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,10 @@ class HeldOutPrompts:
     """The prompts themselves (to render them for another tokenizer)."""
 
 
-def heldout_prompts(cfg: Config, tokenizer: Any, n: int) -> HeldOutPrompts:
-    """``n`` prompts the run did not train on, rendered and tokenised as in training (module docstring)."""
+def heldout_prompts(cfg: Config, tokenizer: Any, n: int, others: Sequence[Config] = ()) -> HeldOutPrompts:
+    """``n`` prompts the run did not train on, rendered and tokenised as in training (module docstring). With
+    ``others`` (runs of the same data), file and hub prompts that any of those runs drew are left out too, so several
+    runs are measured on prompts none of them trained on."""
     data = cfg.data
     if data.source == "gsm_symbolic":
         seed = HELDOUT_SEED if data.seed != HELDOUT_SEED else data.seed + 1
@@ -46,14 +49,15 @@ def heldout_prompts(cfg: Config, tokenizer: Any, n: int) -> HeldOutPrompts:
         return HeldOutPrompts(tok.ids[:n], tuple(p.id for p in tok.prompts[:n]), how, tuple(tok.prompts[:n]))
     tok = tokenize_prompts(load_prompts(data).prompts, tokenizer, data.max_prompt_tokens)
     total = len(tok.ids)
-    drawn = {i for step in range(cfg.train.steps)
-             for i in step_prompts(total, cfg.train.batch_size, step, cfg.seed, cfg.rollout.samples_per_prompt)}
+    drawn = {i for run in (cfg, *others) for step in range(run.train.steps)
+             for i in step_prompts(total, run.train.batch_size, step, run.seed, run.rollout.samples_per_prompt)}
     unseen = [i for i in range(total) if i not in drawn]
     chosen = unseen[-n:]
     if len(chosen) < n:
         log.warning("only %d of %d prompts were never drawn in training; adding %d drawn ones", len(unseen), total,
                     min(n, total) - len(chosen))
         chosen = sorted(chosen + [i for i in range(total) if i in drawn][-(n - len(chosen)):])
-    how = f"last {len(chosen)} of the {total} prompts of {data.source} never drawn by the run's {cfg.train.steps} steps"
+    runs = f"the run's {cfg.train.steps} steps" if not others else f"the training steps of {1 + len(others)} runs"
+    how = f"last {len(chosen)} of the {total} prompts of {data.source} never drawn by {runs}"
     return HeldOutPrompts(tuple(tok.ids[i] for i in chosen), tuple(tok.prompts[i].id for i in chosen), how,
                           tuple(tok.prompts[i] for i in chosen))

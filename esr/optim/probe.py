@@ -63,21 +63,33 @@ class KLProbe:
     @torch.no_grad()
     def __call__(self) -> float:
         kl_sum, count = 0.0, int(self.mask_B_R.sum())
-        for _, kl_B_T in self._masked_kl():
-            kl_sum += float(kl_B_T.sum(dtype=torch.float64))
+        for _, _, kl_B_T, mask_B_T in self._chunks():
+            kl_sum += float(torch.where(mask_B_T, kl_B_T, 0.0).sum(dtype=torch.float64))
         return kl_sum / max(1, count)
+
+    @torch.no_grad()
+    def token_kl(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kl_B_R, mask_B_R)``: the reverse KL at every response position (float32, CPU, 0 where not counted)
+        and which positions the probe counts (every response token; across tokenizers the exact 1:1 pairs).
+        ``__call__`` is ``kl_B_R.sum() / mask_B_R.sum()``."""
+        B, R = self.mask_B_R.shape
+        kl_B_R = torch.zeros(B, R)
+        for rows, cols, kl_B_T, mask_B_T in self._chunks():
+            kl_B_R[rows, cols] = torch.where(mask_B_T, kl_B_T, 0.0)
+        return kl_B_R, self.mask_B_R.bool().cpu()
 
     @torch.no_grad()
     def per_position(self) -> torch.Tensor:
         """The KL mass per response position: float64 (R,), sum over the rollouts of the masked reverse KL (what
         ``rollout.horizon=auto``'s rule reads; esr/rollout/auto_horizon.py)."""
         mass_R = torch.zeros(self.mask_B_R.shape[1], dtype=torch.float64)
-        for c, kl_B_T in self._masked_kl():
-            mass_R[c:c + kl_B_T.shape[1]] += kl_B_T.sum(dim=0, dtype=torch.float64)
+        for _, cols, kl_B_T, mask_B_T in self._chunks():
+            mass_R[cols] += torch.where(mask_B_T, kl_B_T, 0.0).sum(dim=0, dtype=torch.float64)
         return mass_R
 
-    def _masked_kl(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first position c, reverse KL of a micro-batch's chunk of positions, 0 outside the mask), on the CPU."""
+    def _chunks(self) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
+        """Per (micro-batch, chunk of positions): its rows, its columns, the KL there (CPU) and the counted mask,
+        the student in eval mode meanwhile."""
         was_training = self.student.training
         self.student.eval()
         try:
@@ -92,8 +104,7 @@ class KLProbe:
                     t_logits = head_logits(self.teacher, teacher_B_R_H[:, c:d], self.teacher_vocab_size)
                     if self.vocab_map is not None:
                         s_logits, t_logits = self.vocab_map.restrict(s_logits, t_logits)
-                    kl_B_T = reverse_kl(s_logits, t_logits).cpu()
-                    yield c, torch.where(mask_B_R[:, c:d], kl_B_T, 0.0)
+                    yield slice(a, a + len(mb)), slice(c, d), reverse_kl(s_logits, t_logits).cpu(), mask_B_R[:, c:d]
         finally:
             self.student.train(was_training)
 
