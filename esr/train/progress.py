@@ -74,8 +74,8 @@ def summary_table(metrics: list[dict[str, Any]], run_dir: Path, window: int = 3)
     extrapolate = [m.get("seconds_extrapolate", 0.0) for m in metrics]
     if any(extrapolate):
         table.add_row("seconds extrapolating (EffOPD)", f"{sum(extrapolate):.1f} in total")
-    horizons = [m["horizon"] for m in metrics]
-    if min(horizons) != max(horizons) or metrics[-1].get("probe_share") is not None:
+    horizons = [m["horizon"] for m in metrics if "horizon" in m]  # absent in lines from before esr logged it
+    if horizons and (min(horizons) != max(horizons) or metrics[-1].get("probe_share") is not None):
         table.add_row("horizon N: first -> last (min-max)",
                       f"{horizons[0]} -> {horizons[-1]} ({min(horizons)}-{max(horizons)})")
     if metrics[-1].get("probe_share") is not None:  # rollout.horizon=auto
