@@ -23,9 +23,10 @@ FILE_SIZE_CHILD = textwrap.dedent('''
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit fails with EFBIG instead of killing
     real = loop.save_checkpoint
 
-    def save_then_fill_the_disk(*args, **kwargs):
-        out = real(*args, **kwargs)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))  # metrics lines still fit
+    def save_then_fill_the_disk(run_dir, step, *args, **kwargs):
+        out = real(run_dir, step, *args, **kwargs)
+        if step >= 2:  # after the run's first checkpoint (the collapse guard's copy of step 0 comes before it)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))  # metrics lines still fit
         return out
 
     loop.save_checkpoint = save_then_fill_the_disk
