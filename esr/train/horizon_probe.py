@@ -29,7 +29,7 @@ from esr.optim.probe import kl_probe
 from esr.rollout.auto_horizon import AutoHorizon
 from esr.train.checkpoint import CheckpointError
 from esr.train.distributed import main_only
-from esr.train.metrics import StepMetrics, append_jsonl, truncate_jsonl
+from esr.train.metrics import StepMetrics, append_jsonl
 from esr.train.session import Session
 
 AUTO_PROBE_SEED = 0xA070
@@ -84,10 +84,6 @@ class HorizonProbe:
                                     + metrics.seconds_extrapolate)
         share = self.policy.seconds_probe / self.policy.seconds_run if self.policy.seconds_run > 0 else 0.0
         return dataclasses.replace(metrics, **probed, probe_share=share)
-
-    def truncate_after(self, step: int) -> None:
-        """On resume: forget the probes after the checkpoint's step (they run again)."""
-        main_only(truncate_jsonl, self.path, step)
 
 
 def make_horizon_probe(s: Session, cfg: Config, started: Config, run_dir: Path) -> HorizonProbe | None:

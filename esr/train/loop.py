@@ -41,9 +41,9 @@ from esr.train.evaluation import PeriodicEval
 from esr.train.extend import EXTENSIONS, extend_run, extensions, started_config
 from esr.train.fsdp import full_optimizer_state, full_state_dict, shard_session
 from esr.train.horizon_probe import HorizonProbe, horizon_state, make_horizon_probe, restore_horizon
-from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl, truncate_jsonl
+from esr.train.metrics import MetricsLog, StepMetrics, append_jsonl
 from esr.train.progress import RunProgress
-from esr.train.rollback import Guard, GuardRollback
+from esr.train.rollback import Guard, GuardRollback, forget_after
 from esr.train.run_folder import RunFolderError, check_new_run_folder
 from esr.train.run_step import run_step
 from esr.train.session import Session, build_session
@@ -111,8 +111,6 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = Fals
     status = "failed"  # how the trackers' run ends: finished, stopped (graceful stop; resumable) or failed
     try:
         s, start, ckpt, nonfinite_in_a_row = _restore(s, cfg, run_dir, resume, extrapolator, log, evals, events_path)
-        if auto is not None:
-            auto.truncate_after(start)
         guard = Guard(cfg, run_dir, s, extrapolator, log, evals, lambda step, folder, nonfinite: _checkpoint(
             s, cfg, folder, step, nonfinite, extrapolator, guard), ckpt)  # the collapse guard (esr/train/rollback.py)
         while True:
@@ -220,9 +218,7 @@ def _restore(s: Session, cfg: Config, run_dir: Path, resume: bool, extrapolator:
         state = load_checkpoint(ckpt, s.student, s.optimizer, s.scheduler, extrapolator, weights=not cfg.train.fsdp)
         start, nonfinite_in_a_row = state["step"], state["nonfinite_in_a_row"]
         restore_horizon(s.policy, state, ckpt)
-    log.truncate_after(start)
-    main_only(evals.truncate_after, start)
-    main_only(truncate_jsonl, events_path, start)
+    forget_after(run_dir, start, log, evals)  # events_path is run_dir/extrapolate/events.jsonl
     return s, start, ckpt, nonfinite_in_a_row
 
 

@@ -137,12 +137,9 @@ class Guard:
         rows = [r for r in self.log.read() if r["step"] > back]
         for row in rows:
             main_only(append_jsonl, self.folder / "rolled-back-metrics.jsonl", {**row, "trip": self.trips + 1})
-        self.log.truncate_after(back)
-        main_only(self.evals.truncate_after, back)
-        main_only(truncate_jsonl, self.run_dir / "extrapolate" / "events.jsonl", back)
+        forget_after(self.run_dir, back, self.log, self.evals)
         state = load_checkpoint(target, self.s.student, self.s.optimizer, self.s.scheduler, self.extrapolator)
         restore_horizon(self.s.policy, state, target)  # rollout.horizon=auto: N and the profile of that step
-        main_only(truncate_jsonl, self.run_dir / "auto" / "profile.jsonl", back)
         for p in list_checkpoints(self.run_dir):
             if self._step_of(p) > back:
                 main_only(shutil.rmtree, p, True)
@@ -174,3 +171,12 @@ class Guard:
     @staticmethod
     def _step_of(path: Path) -> int:
         return int(path.name.split("-")[1].split(".")[0])
+
+
+def forget_after(run_dir: Path, step: int, log: Any, evals: Any) -> None:
+    """What a run logged after ``step`` goes, as when it resumes from (or rolls back to) that step's checkpoint:
+    metrics (and samples), evaluations, EffOPD events and the auto horizon's probes. The one cut-back for both."""
+    log.truncate_after(step)
+    main_only(evals.truncate_after, step)
+    main_only(truncate_jsonl, run_dir / "extrapolate" / "events.jsonl", step)
+    main_only(truncate_jsonl, run_dir / "auto" / "profile.jsonl", step)
